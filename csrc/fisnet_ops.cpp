@@ -1,0 +1,25 @@
+// The one binding file: the importable module fisnet_ext._C and the schemas of the
+// fisnet custom ops.  Kernels register themselves per device in csrc/cpu and csrc/cuda;
+// fake (meta) implementations and autograd are registered from Python (fisnet_ext/ops.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fisnet, m) {
+  // Plain ReLU forward (the LRP-Flex op changes only the backward).
+  m.def("lrp_relu_fwd(Tensor x) -> Tensor");
+  // Heatmap backward: g * y / (y + eps) with y = relu(x); g may carry leading slot dims.
+  m.def("lrp_relu_bwd(Tensor g, Tensor x, float eps) -> Tensor");
+  // Its derivative: (d/dg, d/dx) contracted with gg.
+  m.def("lrp_relu_bwd_bwd(Tensor gg, Tensor g, Tensor x, float eps) -> (Tensor, Tensor)");
+}
+
+#ifdef FISNET_WITH_CUDA
+static constexpr bool kWithCuda = true;
+#else
+static constexpr bool kWithCuda = false;
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "fisnet compiled kernels (ops live under torch.ops.fisnet)";
+  mod.attr("with_cuda") = kWithCuda;
+}

@@ -1,0 +1,23 @@
+"""fisnet_ext: the op layer of fisnet.
+
+Tensors and kernels only (nothing of models or losses): the LRP-Flex ReLU op with its heatmap
+backward and double backward, in C++ (CPU), CUDA and Triton (GPU) and pure PyTorch
+(`fisnet_ext.reference`), registered as ``torch.ops.fisnet.*`` custom ops.
+"""
+from .backend import BACKENDS, current_backend, use_backend
+from .ops import (
+    HAVE_C,
+    HAVE_TRITON,
+    WITH_CUDA,
+    HeatmapSwitch,
+    LRPReLU,
+    family,
+    lrp_relu,
+    lrp_relu_bwd,
+    lrp_relu_bwd_bwd,
+)
+
+__all__ = [
+    "BACKENDS", "current_backend", "use_backend", "HAVE_C", "HAVE_TRITON", "WITH_CUDA",
+    "HeatmapSwitch", "LRPReLU", "family", "lrp_relu", "lrp_relu_bwd", "lrp_relu_bwd_bwd",
+]

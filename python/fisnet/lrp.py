@@ -1,0 +1,359 @@
+"""LRP-Flex: LRP-ε heatmaps for any ReLU network by one modified backward pass (SPEC §2).
+
+How it works without editing the model: the forward pass runs under a `TorchFunctionMode`
+that replaces every ReLU call (`nn.ReLU`, inplace or not, reused or not; `F.relu`,
+`torch.relu`, `Tensor.relu`) by `fisnet_ext.lrp_relu` tied to one `HeatmapSwitch`, records the
+first conv/linear layer (and its BatchNorm and ReLU) for the Zb rule, and refuses other
+activations.  The model's parameters, modules, hooks and flags are untouched; LDS layers are
+read with forward hooks that are removed before the call returns.
+
+`trace(model, x, ...)` runs that forward and returns an `LRPTrace`, whose `relevance(q)`
+computes the heatmaps of any per-image quantities q (B, M) in one backward call (batched over
+M with `is_grads_batched`).  The logits of the trace are the model's ordinary logits: their
+gradient (switch off) is the ordinary gradient, so one forward serves classification and
+heatmaps.  `explain(...)` is the user-facing one-call form.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import fisnet_ext
+
+from .rules import LinearLayer, bound_images, fold_batchnorm, zb_relevance
+
+
+class UnsupportedActivationError(TypeError):
+    """The model uses a non-linearity that LRP-Flex cannot treat (only ReLU is supported)."""
+
+
+_T = torch.Tensor
+RELU_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, _T.relu, _T.relu_}
+CONV_FUNCS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear"}
+
+_unsupported_funcs = {}
+for _name in ("gelu", "silu", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "mish", "hardswish",
+              "hardsigmoid", "hardtanh", "hardtanh_", "relu6", "softplus", "prelu", "rrelu", "rrelu_", "glu",
+              "logsigmoid", "softsign", "tanhshrink", "threshold", "threshold_", "softshrink", "hardshrink",
+              "sigmoid", "tanh"):
+    if hasattr(F, _name):
+        _unsupported_funcs[getattr(F, _name)] = f"F.{_name}"
+for _name in ("sigmoid", "sigmoid_", "tanh", "tanh_", "selu", "selu_", "celu", "celu_", "rrelu", "prelu"):
+    if hasattr(torch, _name):
+        _unsupported_funcs[getattr(torch, _name)] = f"torch.{_name}"
+    if hasattr(_T, _name):
+        _unsupported_funcs[getattr(_T, _name)] = f"Tensor.{_name}"
+UNSUPPORTED_FUNCS = _unsupported_funcs
+
+UNSUPPORTED_MODULES = tuple(
+    getattr(nn, n) for n in ("GELU", "SiLU", "LeakyReLU", "ELU", "SELU", "CELU", "Mish", "Hardswish",
+                             "Hardsigmoid", "Hardtanh", "ReLU6", "PReLU", "RReLU", "Softplus", "Tanh",
+                             "Sigmoid", "Softsign", "Tanhshrink", "Threshold", "LogSigmoid", "GLU",
+                             "Softshrink", "Hardshrink", "Softmax", "LogSoftmax", "Softmax2d",
+                             "MultiheadAttention")
+    if hasattr(nn, n)
+)
+
+
+def check_activations(model: nn.Module) -> None:
+    """Raise `UnsupportedActivationError` naming the first non-ReLU activation module."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, UNSUPPORTED_MODULES):
+            raise UnsupportedActivationError(
+                f"module {name or '<root>'!r} is {type(mod).__name__}: LRP-Flex (and so fisnet) supports ReLU "
+                f"networks only. Replace it with nn.ReLU"
+                + (" or return logits instead of probabilities" if "Softmax" in type(mod).__name__ else "")
+                + ", or explain a model without it.")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _FirstLayer:
+    layer: LinearLayer
+    input: torch.Tensor
+    output: torch.Tensor
+    bn: Optional[dict] = None
+    bn_output: Optional[torch.Tensor] = None
+
+
+class _Interceptor(TorchFunctionMode):
+    def __init__(self, eps, switch, backend, model_input, record_first, first_weight=None):
+        super().__init__()
+        self.eps = eps
+        self.switch = switch
+        self.backend = backend
+        self.model_input = model_input
+        self.recording = record_first
+        self.first_weight = first_weight  # a Parameter, when the user named the Zb layer
+        self.first: Optional[_FirstLayer] = None
+        self.relu0_input: Optional[torch.Tensor] = None
+        self.relu0_output: Optional[torch.Tensor] = None
+        self.n_relu = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RELU_FUNCS:
+            x = args[0] if args else kwargs["input"]
+            y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
+            self.n_relu += 1
+            if self.recording and self.first is not None:
+                src = self.first.bn_output if self.first.bn_output is not None else self.first.output
+                if x is src:
+                    self.relu0_input, self.relu0_output = x, y
+                    self.recording = False
+            return y
+        if func in UNSUPPORTED_FUNCS:
+            raise UnsupportedActivationError(
+                f"the model's forward calls {UNSUPPORTED_FUNCS[func]}: LRP-Flex (and so fisnet) supports ReLU "
+                f"networks only; replace it with F.relu / nn.ReLU, or return logits rather than probabilities.")
+        out = func(*args, **kwargs)
+        if self.recording:
+            self._record(func, args, kwargs, out)
+        return out
+
+    def _record(self, func, args, kwargs, out):
+        if func in CONV_FUNCS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if self.first is None and (self.first_weight is None or weight is self.first_weight):
+                kind = CONV_FUNCS[func]
+                names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+                vals = dict(zip(names, args))
+                vals.update(kwargs)
+                nd = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "linear": 0}[kind]
+
+                def tup(v, default):
+                    v = default if v is None else v
+                    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * max(nd, 1)
+
+                padding = vals.get("padding", 0)
+                if isinstance(padding, str):
+                    if padding == "valid":
+                        padding = 0
+                    else:
+                        k = vals["weight"].shape[2:]
+                        dil = tup(vals.get("dilation"), 1)
+                        padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
+                layer = LinearLayer(kind, vals["weight"], vals.get("bias"), tup(vals.get("stride"), 1),
+                                    tup(padding, 0), tup(vals.get("dilation"), 1), int(vals.get("groups", 1) or 1))
+                self.first = _FirstLayer(layer, vals["input"], out)
+        elif func is F.batch_norm and self.first is not None and self.first.bn is None:
+            x = args[0] if args else kwargs["input"]
+            if x is self.first.output:
+                names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+                vals = dict(zip(names, args))
+                vals.update(kwargs)
+                self.first.bn = vals
+                self.first.bn_output = out
+
+
+@dataclass
+class LRPTrace:
+    """One forward pass of a model under LRP-Flex.  `logits` is the model's output."""
+
+    logits: torch.Tensor
+    x: torch.Tensor
+    switch: fisnet_ext.HeatmapSwitch
+    eps: float
+    zb: bool
+    bounds: object
+    layer_outputs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    first: Optional[_FirstLayer] = None
+    relu0_output: Optional[torch.Tensor] = None
+    x_leaf: Optional[torch.Tensor] = None
+
+    def relevance(self, q: torch.Tensor, create_graph: bool = False, retain_graph: Optional[bool] = None):
+        """Heatmaps of the per-image quantities `q` (B, M): map m explains q[:, m].
+
+        Returns a dict {"input": (B, M, *x.shape[1:]), layer name: (B, M, *a.shape[1:])}.
+        The M maps come from one backward call (batched over M when M > 1)."""
+        if q.dim() != 2 or q.shape[0] != self.x.shape[0]:
+            raise ValueError(f"quantities to explain must have shape (B, M) with B = {self.x.shape[0]}, "
+                             f"got {tuple(q.shape)}")
+        B, M = q.shape
+        names: List[str] = []
+        wrt: List[torch.Tensor] = []
+        if self.zb:
+            names.append("__relu0__")
+            wrt.append(self.relu0_output)
+        else:
+            names.append("input")
+            wrt.append(self.x_leaf)
+        for name, t in self.layer_outputs.items():
+            names.append(name)
+            wrt.append(t)
+        if retain_graph is None:
+            retain_graph = True
+        with self.switch:
+            if M == 1:
+                grads = torch.autograd.grad(q.sum(), wrt, create_graph=create_graph, retain_graph=retain_graph,
+                                            allow_unused=True)
+                grads = [None if g is None else g.unsqueeze(1) for g in grads]
+            else:
+                seeds = torch.eye(M, dtype=q.dtype, device=q.device).unsqueeze(1).expand(M, B, M)
+                grads = torch.autograd.grad(q, wrt, seeds, create_graph=create_graph, retain_graph=retain_graph,
+                                            is_grads_batched=True, allow_unused=True)
+                grads = [None if g is None else g.transpose(0, 1) for g in grads]
+        out = {}
+        for name, a, g in zip(names, wrt, grads):
+            if g is None:  # the explained quantity does not depend on this tensor
+                g = torch.zeros((B, M) + tuple(a.shape[1:]), dtype=a.dtype, device=a.device)
+            out[name] = a.unsqueeze(1) * g
+        if self.zb:
+            out["input"] = self._zb(out.pop("__relu0__"))
+        return {"input": out.pop("input"), **out}
+
+    def _zb(self, r_out: torch.Tensor) -> torch.Tensor:
+        first = self.first
+        layer = first.layer
+        if first.bn is not None:
+            bn = first.bn
+            use_batch = bn.get("training", False) or bn.get("running_mean") is None
+            if use_batch:
+                dims = [0] + list(range(2, first.output.dim()))
+                var, mean = torch.var_mean(first.output, dim=dims, unbiased=False)
+            else:
+                mean, var = bn["running_mean"], bn["running_var"]
+            layer = fold_batchnorm(layer, mean, var, bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5)))
+        a = first.input
+        low, high, low_b, high_b = bound_images(self.bounds, self.x)
+        if a.shape != self.x.shape:  # e.g. flattened input of a linear first layer
+            shape1 = (1,) + tuple(self.x.shape[1:])
+            low = low.expand(shape1).reshape((1,) + tuple(a.shape[1:]))
+            high = high.expand(shape1).reshape((1,) + tuple(a.shape[1:]))
+        r = zb_relevance(layer, a, r_out, low, high, low_b, high_b, self.eps)
+        return r.reshape(r.shape[:2] + tuple(self.x.shape[1:]))
+
+
+def _find_module(model: nn.Module, name: str) -> nn.Module:
+    mods = dict(model.named_modules())
+    if name not in mods:
+        near = [n for n in mods if n and (name in n or n in name)][:8]
+        raise KeyError(f"the model has no module named {name!r}" + (f"; similar names: {near}" if near else "")
+                       + "; see [n for n, _ in model.named_modules()] for all names")
+    return mods[name]
+
+
+@contextlib.contextmanager
+def _capture_outputs(model: nn.Module, names: Sequence[str], store: Dict[str, torch.Tensor]):
+    handles = []
+    try:
+        for name in names:
+            mod = _find_module(model, name)
+
+            def hook(_m, _inp, out, _name=name):
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"LDS layer {_name!r} returns {type(out).__name__}, not a tensor")
+                store[_name] = out
+
+            handles.append(mod.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = True, bounds=(0.0, 1.0),
+          layers: Optional[Sequence[str]] = None, zb_layer: Optional[str] = None,
+          backend: Optional[str] = None) -> LRPTrace:
+    """Run `model(x)` once under LRP-Flex; see `LRPTrace.relevance` for the heatmaps."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point image tensor, got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch axis: (B, C, H, W) for images, got shape {tuple(x.shape)}")
+    eps = float(eps)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    check_activations(model)
+    layers = list(layers or [])
+    first_weight = None
+    if zb and zb_layer is not None:
+        mod = _find_module(model, zb_layer)
+        first_weight = getattr(mod, "weight", None)
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or first_weight is None:
+            raise TypeError(f"zb_layer {zb_layer!r} is {type(mod).__name__}; it must be a Conv or Linear module")
+    switch = fisnet_ext.HeatmapSwitch()
+    x_leaf = None
+    x_in = x
+    if not zb:
+        x_leaf = x.detach().requires_grad_(True)
+        x_in = x_leaf
+    outputs: Dict[str, torch.Tensor] = {}
+    mode = _Interceptor(eps, switch, backend, x_in, record_first=zb, first_weight=first_weight)
+    with _capture_outputs(model, layers, outputs), mode:
+        logits = model(x_in)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the model returned {type(logits).__name__}; fisnet expects a logits tensor (B, K)")
+    if mode.n_relu == 0:
+        raise ValueError("the model's forward called no ReLU: LRP-Flex needs a ReLU network "
+                         "(ReLUs written as clamp/max are not recognised; use F.relu or nn.ReLU)")
+    missing = [n for n in layers if n not in outputs]
+    if missing:
+        raise ValueError(f"LDS layers {missing} were not called during the forward pass")
+    if zb:
+        first = mode.first
+        where = f"layer {zb_layer!r}" if zb_layer else "the first conv/linear layer"
+        if first is None:
+            raise ValueError(f"Zb rule: could not find {where} in the forward pass; name it with zb_layer=... "
+                             "or pass zb=False")
+        if mode.relu0_output is None:
+            raise ValueError(f"Zb rule: {where} (optionally followed by BatchNorm) is not followed directly by a "
+                             "ReLU; name the first layer with zb_layer=... or pass zb=False")
+        a = first.input
+        same = a.numel() == x.numel() and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        if not same:
+            raise ValueError(f"Zb rule: {where} does not take the model input (its input has shape "
+                             f"{tuple(a.shape)}, the model input {tuple(x.shape)}); the Zb rule needs the "
+                             "bounded pixels: name the right layer with zb_layer=... or pass zb=False")
+    return LRPTrace(logits=logits, x=x, switch=switch, eps=eps, zb=zb, bounds=bounds, layer_outputs=outputs,
+                    first=mode.first if zb else None, relu0_output=mode.relu0_output, x_leaf=x_leaf)
+
+
+def select_logits(logits: torch.Tensor, target) -> torch.Tensor:
+    """The per-image quantities (B, M) that `target` asks to explain."""
+    B, K = logits.shape
+    if target is None:
+        idx = logits.detach().argmax(1)
+        return logits.gather(1, idx[:, None])
+    if isinstance(target, str):
+        if target != "all":
+            raise ValueError(f"target must be None, a class index, a LongTensor (B,) or 'all', got {target!r}")
+        return logits
+    idx = torch.as_tensor(target, device=logits.device)
+    if idx.is_floating_point():
+        raise TypeError(f"target must hold integer class indices, got dtype {idx.dtype}")
+    if idx.dim() == 0:
+        idx = idx.expand(B)
+    if idx.shape != (B,):
+        raise ValueError(f"target must have shape ({B},) (one class per image), got {tuple(idx.shape)}")
+    bad = (idx < 0) | (idx >= K)
+    if bool(bad.any()):
+        raise IndexError(f"target class(es) {idx[bad].tolist()} out of range for a model with {K} classes")
+    return logits.gather(1, idx.long()[:, None])
+
+
+def explain(model: nn.Module, x: torch.Tensor, target=None, *, eps: float = 1e-2, zb: bool = True,
+            bounds=(0.0, 1.0), create_graph: bool = False, layers: Optional[Sequence[str]] = None,
+            zb_layer: Optional[str] = None, backend: Optional[str] = None):
+    """LRP-Flex heatmaps of `model` at `x` (SPEC §2).
+
+    target: None → the predicted class (M = 1); int or LongTensor (B,) → those classes (M = 1);
+    "all" → every class (M = K), in one batched backward.  Returns a tensor (B, M, C, H, W), or,
+    when `layers` names hidden modules (LDS), a dict {"input": ..., name: (B, M, ...)}.
+    eps: the LRP-ε stabiliser (0 gives gradient × input).  zb: the Zb rule at the first layer
+    with pixel `bounds` (low, high), scalars or per-channel; `zb_layer` names that layer when
+    automatic detection fails.  create_graph=True keeps the maps differentiable in the weights.
+    The model runs as it is (call model.eval() first for eval-mode BatchNorm) and is not modified.
+    """
+    t = trace(model, x, eps=eps, zb=zb, bounds=bounds, layers=layers, zb_layer=zb_layer, backend=backend)
+    q = select_logits(t.logits, target)
+    maps = t.relevance(q, create_graph=create_graph, retain_graph=create_graph)
+    if not create_graph:
+        maps = {k: v.detach() for k, v in maps.items()}
+    return maps if layers else maps["input"]
