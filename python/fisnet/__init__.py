@@ -1,9 +1,16 @@
 """fisnet: train image classifiers to ignore biased backgrounds (ISNet and Faster ISNet).
 
-LRP-Flex heatmaps for any ReLU network (`explain`), the ISNet variants, the heatmap loss and
-the C1/C2 heuristic, built on the fused kernels of `fisnet_ext`.
+LRP-Flex heatmaps for any ReLU network (`explain`), the four ISNet variants (`ISNet`), the
+heatmap loss (`heatmap_loss`, `ISNetLoss`) and the C1/C2 heuristic (`tune_cuts`), built on
+the fused kernels of `fisnet_ext`.
 """
 from .lrp import LRPTrace, UnsupportedActivationError, explain, trace
+from .loss import ISNetLoss, NonFiniteHeatmapError, gwrp, heatmap_loss, heatmap_loss_parts, resize_masks
+from .variants import VARIANTS, ISNet, ISNetOutput
 
 __version__ = "0.1.0"
-__all__ = ["explain", "trace", "LRPTrace", "UnsupportedActivationError"]
+__all__ = [
+    "explain", "trace", "LRPTrace", "UnsupportedActivationError",
+    "ISNet", "ISNetOutput", "VARIANTS",
+    "ISNetLoss", "heatmap_loss", "heatmap_loss_parts", "gwrp", "resize_masks", "NonFiniteHeatmapError",
+]

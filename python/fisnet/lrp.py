@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 import fisnet_ext
 
 from .rules import LinearLayer, bound_images, fold_batchnorm, zb_relevance
+from .zplus import LayerRecord, ZPlusTap
 
 
 class UnsupportedActivationError(TypeError):
@@ -82,9 +83,31 @@ class _FirstLayer:
     bn_output: Optional[torch.Tensor] = None
 
 
+def _make_layer(kind: str, vals: dict) -> LinearLayer:
+    """A LinearLayer from the arguments of an F.conv*/F.linear call."""
+    nd = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "linear": 0}[kind]
+
+    def tup(v, default):
+        v = default if v is None else v
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * max(nd, 1)
+
+    padding = vals.get("padding", 0)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:  # "same" (stride 1)
+            k = vals["weight"].shape[2:]
+            dil = tup(vals.get("dilation"), 1)
+            padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
+    return LinearLayer(kind, vals["weight"], vals.get("bias"), tup(vals.get("stride"), 1), tup(padding, 0),
+                       tup(vals.get("dilation"), 1), int(vals.get("groups", 1) or 1))
+
+
 class _Interceptor(TorchFunctionMode):
-    def __init__(self, eps, switch, backend, model_input, record_first, first_weight=None):
+    def __init__(self, eps, switch, backend, model_input, record_first, first_weight=None, zswitch=None):
         super().__init__()
+        self.zswitch = zswitch  # set for the Dual ISNet: conv/linear outputs get z⁺ taps
+        self.records: List[LayerRecord] = []
         self.eps = eps
         self.switch = switch
         self.backend = backend
@@ -113,8 +136,31 @@ class _Interceptor(TorchFunctionMode):
                 f"the model's forward calls {UNSUPPORTED_FUNCS[func]}: LRP-Flex (and so fisnet) supports ReLU "
                 f"networks only; replace it with F.relu / nn.ReLU, or return logits rather than probabilities.")
         out = func(*args, **kwargs)
+        if self.zswitch is not None:
+            out = self._tap(func, args, kwargs, out)
         if self.recording:
             self._record(func, args, kwargs, out)
+        return out
+
+    def _tap(self, func, args, kwargs, out):
+        if func in CONV_FUNCS:
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            vals = dict(zip(names, args))
+            vals.update(kwargs)
+            rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], conv_out=out)
+            self.records.append(rec)
+            tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
+            tapped._fisnet_tap = rec
+            return tapped
+        if func is F.batch_norm and self.records:
+            x = args[0] if args else kwargs["input"]
+            rec = self.records[-1]
+            if getattr(x, "_fisnet_tap", None) is rec and rec.bn is None:
+                names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+                vals = dict(zip(names, args))
+                vals.update(kwargs)
+                rec.bn = vals
+                return ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
         return out
 
     def _record(self, func, args, kwargs, out):
@@ -125,23 +171,7 @@ class _Interceptor(TorchFunctionMode):
                 names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
                 vals = dict(zip(names, args))
                 vals.update(kwargs)
-                nd = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "linear": 0}[kind]
-
-                def tup(v, default):
-                    v = default if v is None else v
-                    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * max(nd, 1)
-
-                padding = vals.get("padding", 0)
-                if isinstance(padding, str):
-                    if padding == "valid":
-                        padding = 0
-                    else:
-                        k = vals["weight"].shape[2:]
-                        dil = tup(vals.get("dilation"), 1)
-                        padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
-                layer = LinearLayer(kind, vals["weight"], vals.get("bias"), tup(vals.get("stride"), 1),
-                                    tup(padding, 0), tup(vals.get("dilation"), 1), int(vals.get("groups", 1) or 1))
-                self.first = _FirstLayer(layer, vals["input"], out)
+                self.first = _FirstLayer(_make_layer(kind, vals), vals["input"], out)
         elif func is F.batch_norm and self.first is not None and self.first.bn is None:
             x = args[0] if args else kwargs["input"]
             if x is self.first.output:
@@ -166,12 +196,24 @@ class LRPTrace:
     first: Optional[_FirstLayer] = None
     relu0_output: Optional[torch.Tensor] = None
     x_leaf: Optional[torch.Tensor] = None
+    zswitch: Optional[fisnet_ext.HeatmapSwitch] = None
+
+    def relevance_zplus(self, create_graph: bool = False, retain_graph: Optional[bool] = None):
+        """The LRP-z⁺ map of the summed positive-weight logits (trace with zplus=True); (B, 1, ...)."""
+        if self.zswitch is None:
+            raise RuntimeError("this trace was made without zplus=True; the z⁺ map needs it")
+        q = self.logits.sum(1, keepdim=True)
+        with self.zswitch:
+            return self._relevance(q, create_graph, retain_graph, lrp_switch=False)
 
     def relevance(self, q: torch.Tensor, create_graph: bool = False, retain_graph: Optional[bool] = None):
         """Heatmaps of the per-image quantities `q` (B, M): map m explains q[:, m].
 
         Returns a dict {"input": (B, M, *x.shape[1:]), layer name: (B, M, *a.shape[1:])}.
         The M maps come from one backward call (batched over M when M > 1)."""
+        return self._relevance(q, create_graph, retain_graph, lrp_switch=True)
+
+    def _relevance(self, q, create_graph, retain_graph, lrp_switch):
         if q.dim() != 2 or q.shape[0] != self.x.shape[0]:
             raise ValueError(f"quantities to explain must have shape (B, M) with B = {self.x.shape[0]}, "
                              f"got {tuple(q.shape)}")
@@ -189,7 +231,7 @@ class LRPTrace:
             wrt.append(t)
         if retain_graph is None:
             retain_graph = True
-        with self.switch:
+        with (self.switch if lrp_switch else contextlib.nullcontext()):
             if M == 1:
                 grads = torch.autograd.grad(q.sum(), wrt, create_graph=create_graph, retain_graph=retain_graph,
                                             allow_unused=True)
@@ -260,7 +302,7 @@ def _capture_outputs(model: nn.Module, names: Sequence[str], store: Dict[str, to
 
 def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = True, bounds=(0.0, 1.0),
           layers: Optional[Sequence[str]] = None, zb_layer: Optional[str] = None,
-          backend: Optional[str] = None) -> LRPTrace:
+          backend: Optional[str] = None, zplus: bool = False) -> LRPTrace:
     """Run `model(x)` once under LRP-Flex; see `LRPTrace.relevance` for the heatmaps."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point image tensor, got "
@@ -285,7 +327,8 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
         x_leaf = x.detach().requires_grad_(True)
         x_in = x_leaf
     outputs: Dict[str, torch.Tensor] = {}
-    mode = _Interceptor(eps, switch, backend, x_in, record_first=zb, first_weight=first_weight)
+    zswitch = fisnet_ext.HeatmapSwitch() if zplus else None
+    mode = _Interceptor(eps, switch, backend, x_in, record_first=zb, first_weight=first_weight, zswitch=zswitch)
     with _capture_outputs(model, layers, outputs), mode:
         logits = model(x_in)
     if not isinstance(logits, torch.Tensor):
@@ -293,6 +336,10 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
     if mode.n_relu == 0:
         raise ValueError("the model's forward called no ReLU: LRP-Flex needs a ReLU network "
                          "(ReLUs written as clamp/max are not recognised; use F.relu or nn.ReLU)")
+    if zplus:
+        if not mode.records:
+            raise ValueError("the z⁺ rule needs conv/linear layers, and the forward called none")
+        mode.records[-1].is_logits = True  # the classifier: the last conv/linear of the forward
     missing = [n for n in layers if n not in outputs]
     if missing:
         raise ValueError(f"LDS layers {missing} were not called during the forward pass")
@@ -312,7 +359,8 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
                              f"{tuple(a.shape)}, the model input {tuple(x.shape)}); the Zb rule needs the "
                              "bounded pixels: name the right layer with zb_layer=... or pass zb=False")
     return LRPTrace(logits=logits, x=x, switch=switch, eps=eps, zb=zb, bounds=bounds, layer_outputs=outputs,
-                    first=mode.first if zb else None, relu0_output=mode.relu0_output, x_leaf=x_leaf)
+                    first=mode.first if zb else None, relu0_output=mode.relu0_output, x_leaf=x_leaf,
+                    zswitch=zswitch)
 
 
 def select_logits(logits: torch.Tensor, target) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""The LRP-z⁺ rule (SPEC §3.1) as a switchable backward, for the Dual ISNet.
+
+During a traced forward (`fisnet.lrp.trace(..., zplus=True)`) every conv/linear output, and
+the output of a BatchNorm applied to it, passes through an identity "tap".  In an ordinary
+backward (and in the LRP-ε heatmap backward) the taps pass the gradient through unchanged.
+While the trace's z⁺ switch is on, the tap at a layer's final output (after its BatchNorm,
+folded into the layer: W' = W·γ/σ, b' = γ(b − μ)/σ + β) skips the layer's own backward and sends
+
+    G_in = W'⁺ᵀ ( G_out ⊙ num / (z'⁺ + ε) ),   z'⁺ = W'⁺ a + b'⁺
+
+to the layer input, with num = z' (the layer output; the ReLU after it passes the plain
+gradient, so G_out ⊙ z' = G_y ⊙ y) for hidden layers and num = z'⁺ for the classifier (the
+last conv/linear of the forward), whose positive-weight logits seed the map.  All of it is
+written in differentiable PyTorch ops, so the map can be trained on (create_graph=True).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .rules import LinearLayer, fold_batchnorm
+
+
+@dataclass
+class LayerRecord:
+    layer: LinearLayer
+    input: torch.Tensor
+    conv_out: Optional[torch.Tensor] = None
+    bn: Optional[dict] = None
+    is_logits: bool = False
+
+
+def folded(rec: LayerRecord) -> LinearLayer:
+    if rec.bn is None:
+        return rec.layer
+    bn = rec.bn
+    if bn.get("training", False) or bn.get("running_mean") is None:
+        dims = [0] + list(range(2, rec.conv_out.dim()))
+        var, mean = torch.var_mean(rec.conv_out, dim=dims, unbiased=False)
+    else:
+        mean, var = bn["running_mean"], bn["running_var"]
+    return fold_batchnorm(rec.layer, mean, var, bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5)))
+
+
+def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    layer = folded(rec)
+    wp = layer.weight.clamp(min=0)
+    bp = None if layer.bias is None else layer.bias.clamp(min=0)
+    zp = layer.forward(rec.input, wp, bp)
+    num = zp if rec.is_logits else z
+    s = g * num / (zp + eps)
+    return layer.transpose(s, wp, rec.input.shape)
+
+
+class ZPlusTap(torch.autograd.Function):
+    """Identity on z; under the z⁺ switch, the z⁺ rule from z's gradient to the layer input."""
+
+    @staticmethod
+    def forward(ctx, z, a, rec, stage, switch, eps):
+        ctx.rec, ctx.stage, ctx.switch, ctx.eps = rec, stage, switch, eps
+        ctx.save_for_backward(z)
+        ctx.set_materialize_grads(False)
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if not ctx.switch.active:
+            return g, None, None, None, None, None
+        rec = ctx.rec
+        if g is None or (ctx.stage == "conv" and rec.bn is not None):
+            return None, None, None, None, None, None  # the tap after the BatchNorm does the work
+        (z,) = ctx.saved_tensors
+        return None, zplus_input_grad(rec, z, g, ctx.eps), None, None, None, None
