@@ -24,7 +24,9 @@ if want_cuda and torch.version.cuda is None:
     print("fisnet: FISNET_CUDA=1 but this torch has no CUDA; building the CPU kernels only")
     want_cuda = False
 
-cxx_flags = ["-O3", "-std=c++17"]
+# -fno-trapping-math lets gcc if-convert and vectorise the branch-free kernels (torch never
+# enables FP traps); measured 20x faster heatmap backward on CPU.
+cxx_flags = ["-O3", "-std=c++17", "-fno-trapping-math"]
 if want_cuda:
     ext = CUDAExtension(
         "fisnet_ext._C",

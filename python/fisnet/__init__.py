@@ -7,10 +7,11 @@ the fused kernels of `fisnet_ext`.
 from .lrp import LRPTrace, UnsupportedActivationError, explain, trace
 from .loss import ISNetLoss, NonFiniteHeatmapError, gwrp, heatmap_loss, heatmap_loss_parts, resize_masks
 from .variants import VARIANTS, ISNet, ISNetOutput
+from .cuts import estimate_cuts, load_cuts, save_cuts, tune_cuts
 
 __version__ = "0.1.0"
 __all__ = [
     "explain", "trace", "LRPTrace", "UnsupportedActivationError",
-    "ISNet", "ISNetOutput", "VARIANTS",
+    "ISNet", "ISNetOutput", "VARIANTS", "tune_cuts", "estimate_cuts", "save_cuts", "load_cuts",
     "ISNetLoss", "heatmap_loss", "heatmap_loss_parts", "gwrp", "resize_masks", "NonFiniteHeatmapError",
 ]

@@ -95,11 +95,14 @@ class ISNet(nn.Module):
         return {"selective": 1, "stochastic": 1, "dual": 2}.get(self.variant)
 
     def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                heatmaps: Optional[bool] = None) -> ISNetOutput:
+                heatmaps: Optional[bool] = None, create_graph: Optional[bool] = None) -> ISNetOutput:
+        """`heatmaps`: compute them (default: in training mode only).  `create_graph`: keep them
+        differentiable in the weights (default: in training mode with grad enabled)."""
         want = self.training if heatmaps is None else heatmaps
         if not want:
             return ISNetOutput(self.model(x), variant=self.variant)
-        create_graph = self.training and torch.is_grad_enabled()
+        if create_graph is None:
+            create_graph = self.training and torch.is_grad_enabled()
         with torch.enable_grad():
             t = trace(self.model, x, eps=self.eps, zb=self.zb, bounds=self.bounds, layers=self.lds_layers,
                       zb_layer=self.zb_layer, backend=self.backend, zplus=self.variant == "dual")

@@ -1,0 +1,256 @@
+"""Per-op benchmark of the LRP-Flex ReLU kernels: forward, heatmap backward (lrp_relu_bwd) and
+double backward (lrp_relu_bwd_bwd), for every backend available on the device, next to a copy
+baseline that measures the device's copy bandwidth in the same run.
+
+Backends: "cpp" (torch.ops.fisnet.* on CPU tensors, the compiled extension), "cuda"
+(torch.ops.fisnet.* on CUDA tensors, when fisnet_ext was built with FISNET_CUDA=1), "triton"
+(fisnet_ext.triton launchers, GPU only), "reference" (fisnet_ext.reference, eager PyTorch).
+The "copy" row is `clone()` of one tensor (it allocates its output, like the ops do).
+
+Timing: median over interleaved repeats (each repeat runs every backend once, so drift in clock
+or load hits all alike); CUDA events on GPU, time.perf_counter on CPU; small sizes run several
+calls per measurement.  GB/s counts the bytes each op must move: fwd 2 tensors, bwd 3,
+bwd_bwd 5 (copy 2), times the element size.
+
+    python bench/kernels.py --device cpu --quick
+    python bench/kernels.py --device cuda                 # 2^16 .. 2^28 elements, fp32/fp16/bf16
+
+Writes bench/results/kernels-<device-name>.csv (see --out) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+from fisnet_ext import reference  # noqa: E402
+
+OPS = ("fwd", "bwd", "bwd_bwd")
+TENSORS_MOVED = {"copy": 2, "fwd": 2, "bwd": 3, "bwd_bwd": 5}
+EPS = 1e-2
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+COLUMNS = ["device", "backend", "op", "dtype", "numel", "ms_median", "gbps", "frac_of_copy_bw",
+           "speedup_vs_reference", "torch_version"]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def backends(device: str) -> dict:
+    """name -> {op: fn(x, g, gg)} for the backends usable on `device` (with why others are not)."""
+    out = {}
+    skipped = {}
+    try:
+        import fisnet_ext.ops as ops  # importing registers torch.ops.fisnet.* when _C is built
+        have_c, with_cuda = ops.HAVE_C, ops.WITH_CUDA
+        c_error = getattr(ops, "C_ERROR", None)
+    except Exception as exc:  # noqa: BLE001 - the op layer is optional for this benchmark
+        have_c, with_cuda, c_error = False, False, repr(exc)
+
+    def native():
+        f = torch.ops.fisnet
+        return {
+            "fwd": lambda x, g, gg: f.lrp_relu_fwd(x),
+            "bwd": lambda x, g, gg: f.lrp_relu_bwd(g, x, EPS),
+            "bwd_bwd": lambda x, g, gg: f.lrp_relu_bwd_bwd(gg, g, x, EPS),
+        }
+
+    if device == "cpu":
+        if have_c:
+            out["cpp"] = native()
+        else:
+            skipped["cpp"] = f"fisnet_ext._C not built ({c_error})"
+        skipped["cuda"] = skipped["triton"] = "GPU only"
+    else:
+        if with_cuda:
+            out["cuda"] = native()
+        else:
+            skipped["cuda"] = "fisnet_ext not built with FISNET_CUDA=1" if have_c else f"fisnet_ext._C not built ({c_error})"
+        try:
+            from fisnet_ext.triton import lrp_relu as tl
+            out["triton"] = {
+                "fwd": lambda x, g, gg: tl.lrp_relu_fwd(x),
+                "bwd": lambda x, g, gg: tl.lrp_relu_bwd(g, x, EPS),
+                "bwd_bwd": lambda x, g, gg: tl.lrp_relu_bwd_bwd(gg, g, x, EPS),
+            }
+        except ImportError as exc:
+            skipped["triton"] = f"triton not importable ({exc})"
+    out["reference"] = {
+        "fwd": lambda x, g, gg: reference.lrp_relu_fwd(x),
+        "bwd": lambda x, g, gg: reference.lrp_relu_bwd(g, x, EPS),
+        "bwd_bwd": lambda x, g, gg: reference.lrp_relu_bwd_bwd(gg, g, x, EPS),
+    }
+    return out, skipped
+
+
+class Timer:
+    """Times `calls` back-to-back calls of fn; returns ms per call."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+
+    def __call__(self, fn, calls: int) -> float:
+        if self.cuda:
+            self.start.record()
+            for _ in range(calls):
+                fn()
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def make_inputs(numel: int, dtype: torch.dtype, device: str):
+    gen = torch.Generator(device=device).manual_seed(numel)
+    x = torch.randn(numel, generator=gen, device=device, dtype=torch.float32)
+    x[torch.rand(numel, generator=gen, device=device) < 0.1] = 0.0
+    g = torch.randn(numel, generator=gen, device=device, dtype=torch.float32)
+    gg = torch.randn(numel, generator=gen, device=device, dtype=torch.float32)
+    return x.to(dtype), g.to(dtype), gg.to(dtype)
+
+
+def bench_one(numel, dtype, device, impls, repeats, warmup, timer):
+    """{(backend, op): median ms} for one size and dtype, interleaving all cases per repeat."""
+    x, g, gg = make_inputs(numel, dtype, device)
+    cases = {("torch", "copy"): lambda: x.clone()}
+    for name, fns in impls.items():
+        for op in OPS:
+            fn = fns[op]
+            cases[(name, op)] = (lambda fn=fn: fn(x, g, gg))
+    # enough calls per measurement that one takes ~1 ms on GPU / ~2 ms on CPU at the copy speed
+    bytes_per_call = 2 * numel * x.element_size()
+    target = 1e9 if device == "cuda" else 2e7  # bytes per measurement
+    calls = int(min(64, max(1, target // bytes_per_call)))
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = {k: [] for k in cases}
+    for _ in range(repeats):
+        for key, fn in cases.items():
+            times[key].append(timer(fn, calls))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="few sizes and repeats (< 1 min on 2 CPU cores)")
+    p.add_argument("--sizes", type=str, default=None,
+                   help="comma-separated numels; 2^k may be written as 2**k or as 'pK' (e.g. p20)")
+    p.add_argument("--dtypes", type=str, default=None, help="comma-separated, of fp32,fp16,bf16,fp64")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=str, default=None, help="CSV path (default bench/results/kernels-<device>.csv)")
+    args = p.parse_args(argv)
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+
+    if args.sizes:
+        def parse(s):
+            s = s.strip()
+            if s.startswith("p"):
+                return 2 ** int(s[1:])
+            if "**" in s:
+                a, b = s.split("**")
+                return int(a) ** int(b)
+            return int(float(s))
+        sizes = [parse(s) for s in args.sizes.split(",") if s.strip()]
+    elif args.quick:
+        sizes = [2**16, 2**20, 2**22] if device == "cpu" else [2**16, 2**20, 2**24]
+    else:
+        sizes = [2**k for k in range(16, 25, 2)] if device == "cpu" else [2**k for k in range(16, 29, 2)]
+    if args.dtypes:
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        bad = [d for d in dtypes if d not in DTYPES]
+        if bad:
+            p.error(f"unknown dtypes {bad}; choose from {list(DTYPES)}")
+    else:
+        dtypes = ["fp32"] if device == "cpu" or args.quick else ["fp32", "fp16", "bf16"]
+    repeats = args.repeats or (5 if args.quick else 15)
+
+    name = device_name(device)
+    out = Path(args.out) if args.out else HERE / "results" / f"kernels-{slug(name)}.csv"
+    impls, skipped = backends(device)
+    threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
+    print(f"# {name} ({device}{threads}), torch {torch.__version__}; backends: {', '.join(impls)}")
+    for b, why in skipped.items():
+        print(f"#   skipped {b}: {why}")
+
+    timer = Timer(device)
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for numel in sizes:
+            ms = bench_one(numel, dtype, device, impls, repeats, args.warmup, timer)
+            esize = torch.tensor([], dtype=dtype).element_size()
+
+            def gbps(op, t):
+                return TENSORS_MOVED[op] * numel * esize / (t * 1e-3) / 1e9
+
+            copy_bw = gbps("copy", ms[("torch", "copy")])
+            for (backend, op), t in ms.items():
+                ref_t = ms.get(("reference", op))
+                rows.append({
+                    "device": name, "backend": backend, "op": op, "dtype": dname, "numel": numel,
+                    "ms_median": f"{t:.5f}", "gbps": f"{gbps(op, t):.2f}",
+                    "frac_of_copy_bw": f"{gbps(op, t) / copy_bw:.3f}",
+                    "speedup_vs_reference": f"{ref_t / t:.2f}" if ref_t is not None else "",
+                    "torch_version": torch.__version__,
+                })
+            del ms
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+    shown = ["backend", "op", "dtype", "numel", "ms_median", "gbps", "frac_of_copy_bw", "speedup_vs_reference"]
+    head = ["backend", "op", "dtype", "numel", "ms", "GB/s", "of_copy", "vs_ref"]
+    widths = [max(len(h), *(len(str(r[c])) for r in rows)) for h, c in zip(head, shown)]
+    print("  ".join(h.rjust(wd) for h, wd in zip(head, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).rjust(wd) for c, wd in zip(shown, widths)))
+    print(f"# wrote {os.path.relpath(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
