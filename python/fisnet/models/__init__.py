@@ -1,0 +1,69 @@
+"""Backbones written here (no torchvision): ResNet, DenseNet, VGG and a small CNN.
+
+All are ReLU-only networks in the torchvision module layout, so LRP-Flex (which intercepts
+``nn.ReLU`` modules and ``F.relu`` calls) works on them unchanged. Every builder takes the keyword
+arguments ``num_classes=10`` and ``in_channels=3``; every model has ``model.lds_layers``, a tuple
+of module names (keys of ``dict(model.named_modules())``) whose outputs are the default LDS layers.
+
+>>> from fisnet import models
+>>> net = models.build("resnet18", num_classes=2, in_channels=1)
+>>> models.default_lds_layers(net)
+('layer1', 'layer2', 'layer3', 'layer4')
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch.nn as nn
+
+from .densenet import DenseNet, densenet121
+from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
+from .small import SmallCNN, small_cnn
+from .vgg import VGG, vgg11, vgg11_bn, vgg16, vgg16_bn
+
+__all__ = ["build", "names", "default_lds_layers", "ResNet", "BasicBlock", "Bottleneck",
+           "DenseNet", "VGG", "SmallCNN", "resnet18", "resnet34", "resnet50", "densenet121",
+           "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "small_cnn"]
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": small_cnn,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "densenet121": densenet121,
+    "vgg11": vgg11,
+    "vgg16": vgg16,
+    "vgg11_bn": vgg11_bn,
+    "vgg16_bn": vgg16_bn,
+}
+
+
+def names() -> Tuple[str, ...]:
+    """Names accepted by :func:`build`, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build the backbone ``name`` (see :func:`names`) with the builder's keyword arguments,
+    e.g. ``build("vgg11_bn", num_classes=2, in_channels=1)``."""
+    key = str(name).lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    return _REGISTRY[key](**kwargs)
+
+
+def default_lds_layers(model: nn.Module) -> Tuple[str, ...]:
+    """The default LDS layer names of a built-in backbone (``model.lds_layers``).
+
+    Raises ``ValueError`` for a model without ``lds_layers`` (name the layers yourself) and
+    ``KeyError`` if a listed name is not a module of the model."""
+    layers = getattr(model, "lds_layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no default LDS layers (no `lds_layers` "
+                         f"attribute); pass the layer names explicitly")
+    layers = tuple(layers)
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise KeyError(f"LDS layers {missing} are not modules of {type(model).__name__}")
+    return layers
