@@ -1,6 +1,7 @@
 """Per-op benchmark of the LRP-Flex ReLU kernels: forward, heatmap backward (lrp_relu_bwd) and
-double backward (lrp_relu_bwd_bwd), for every backend available on the device, next to a copy
-baseline that measures the device's copy bandwidth in the same run.
+double backward (lrp_relu_bwd_bwd), and of the z⁺ rule's ratio step (zplus_ratio,
+zplus_ratio_bwd; fisnet_ext.zplus_ops), for every backend available on the device, next to a
+copy baseline that measures the device's copy bandwidth in the same run.
 
 Backends: "cpp" (torch.ops.fisnet.* on CPU tensors, the compiled extension), "cuda"
 (torch.ops.fisnet.* on CUDA tensors, when fisnet_ext was built with FISNET_CUDA=1), "triton"
@@ -10,7 +11,7 @@ The "copy" row is `clone()` of one tensor (it allocates its output, like the ops
 Timing: median over interleaved repeats (each repeat runs every backend once, so drift in clock
 or load hits all alike); CUDA events on GPU, time.perf_counter on CPU; small sizes run several
 calls per measurement.  GB/s counts the bytes each op must move: fwd 2 tensors, bwd 3,
-bwd_bwd 5 (copy 2), times the element size.
+bwd_bwd 5, zplus_ratio 4, zplus_ratio_bwd 7 (copy 2), times the element size.
 
     python bench/kernels.py --device cpu --quick
     python bench/kernels.py --device cuda                 # 2^16 .. 2^28 elements, fp32/fp16/bf16
@@ -36,8 +37,8 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 from fisnet_ext import reference  # noqa: E402
 
-OPS = ("fwd", "bwd", "bwd_bwd")
-TENSORS_MOVED = {"copy": 2, "fwd": 2, "bwd": 3, "bwd_bwd": 5}
+OPS = ("fwd", "bwd", "bwd_bwd", "zplus_ratio", "zplus_ratio_bwd")
+TENSORS_MOVED = {"copy": 2, "fwd": 2, "bwd": 3, "bwd_bwd": 5, "zplus_ratio": 4, "zplus_ratio_bwd": 7}
 EPS = 1e-2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 COLUMNS = ["device", "backend", "op", "dtype", "numel", "ms_median", "gbps", "frac_of_copy_bw",
@@ -62,7 +63,9 @@ def slug(name: str) -> str:
 
 
 def backends(device: str) -> dict:
-    """name -> {op: fn(x, g, gg)} for the backends usable on `device` (with why others are not)."""
+    """name -> {op: fn(x, g, gg, zp)} for the backends usable on `device` (with why others are not).
+
+    The z⁺ ratio ops take g, num = x, zp (and gs = gg for the backward)."""
     out = {}
     skipped = {}
     try:
@@ -74,11 +77,15 @@ def backends(device: str) -> dict:
 
     def native():
         f = torch.ops.fisnet
-        return {
-            "fwd": lambda x, g, gg: f.lrp_relu_fwd(x),
-            "bwd": lambda x, g, gg: f.lrp_relu_bwd(g, x, EPS),
-            "bwd_bwd": lambda x, g, gg: f.lrp_relu_bwd_bwd(gg, g, x, EPS),
+        fns = {
+            "fwd": lambda x, g, gg, zp: f.lrp_relu_fwd(x),
+            "bwd": lambda x, g, gg, zp: f.lrp_relu_bwd(g, x, EPS),
+            "bwd_bwd": lambda x, g, gg, zp: f.lrp_relu_bwd_bwd(gg, g, x, EPS),
         }
+        if hasattr(f, "zplus_ratio"):
+            fns["zplus_ratio"] = lambda x, g, gg, zp: f.zplus_ratio(g, x, zp, EPS)
+            fns["zplus_ratio_bwd"] = lambda x, g, gg, zp: f.zplus_ratio_bwd(gg, g, x, zp, EPS)
+        return fns
 
     if device == "cpu":
         if have_c:
@@ -94,16 +101,24 @@ def backends(device: str) -> dict:
         try:
             from fisnet_ext.triton import lrp_relu as tl
             out["triton"] = {
-                "fwd": lambda x, g, gg: tl.lrp_relu_fwd(x),
-                "bwd": lambda x, g, gg: tl.lrp_relu_bwd(g, x, EPS),
-                "bwd_bwd": lambda x, g, gg: tl.lrp_relu_bwd_bwd(gg, g, x, EPS),
+                "fwd": lambda x, g, gg, zp: tl.lrp_relu_fwd(x),
+                "bwd": lambda x, g, gg, zp: tl.lrp_relu_bwd(g, x, EPS),
+                "bwd_bwd": lambda x, g, gg, zp: tl.lrp_relu_bwd_bwd(gg, g, x, EPS),
             }
+            try:
+                from fisnet_ext.triton import zplus as tz
+                out["triton"]["zplus_ratio"] = lambda x, g, gg, zp: tz.zplus_ratio(g, x, zp, EPS)
+                out["triton"]["zplus_ratio_bwd"] = lambda x, g, gg, zp: tz.zplus_ratio_bwd(gg, g, x, zp, EPS)
+            except ImportError:
+                pass
         except ImportError as exc:
             skipped["triton"] = f"triton not importable ({exc})"
     out["reference"] = {
-        "fwd": lambda x, g, gg: reference.lrp_relu_fwd(x),
-        "bwd": lambda x, g, gg: reference.lrp_relu_bwd(g, x, EPS),
-        "bwd_bwd": lambda x, g, gg: reference.lrp_relu_bwd_bwd(gg, g, x, EPS),
+        "fwd": lambda x, g, gg, zp: reference.lrp_relu_fwd(x),
+        "bwd": lambda x, g, gg, zp: reference.lrp_relu_bwd(g, x, EPS),
+        "bwd_bwd": lambda x, g, gg, zp: reference.lrp_relu_bwd_bwd(gg, g, x, EPS),
+        "zplus_ratio": lambda x, g, gg, zp: reference.zplus_ratio(g, x, zp, EPS),
+        "zplus_ratio_bwd": lambda x, g, gg, zp: reference.zplus_ratio_bwd(gg, g, x, zp, EPS),
     }
     return out, skipped
 
@@ -137,17 +152,19 @@ def make_inputs(numel: int, dtype: torch.dtype, device: str):
     x[torch.rand(numel, generator=gen, device=device) < 0.1] = 0.0
     g = torch.randn(numel, generator=gen, device=device, dtype=torch.float32)
     gg = torch.randn(numel, generator=gen, device=device, dtype=torch.float32)
-    return x.to(dtype), g.to(dtype), gg.to(dtype)
+    zp = torch.rand(numel, generator=gen, device=device, dtype=torch.float32)  # z⁺ >= 0
+    return x.to(dtype), g.to(dtype), gg.to(dtype), zp.to(dtype)
 
 
 def bench_one(numel, dtype, device, impls, repeats, warmup, timer):
     """{(backend, op): median ms} for one size and dtype, interleaving all cases per repeat."""
-    x, g, gg = make_inputs(numel, dtype, device)
+    x, g, gg, zp = make_inputs(numel, dtype, device)
     cases = {("torch", "copy"): lambda: x.clone()}
     for name, fns in impls.items():
         for op in OPS:
-            fn = fns[op]
-            cases[(name, op)] = (lambda fn=fn: fn(x, g, gg))
+            fn = fns.get(op)
+            if fn is not None:  # a backend may lack an op family (an older build)
+                cases[(name, op)] = (lambda fn=fn: fn(x, g, gg, zp))
     # enough calls per measurement that one takes ~1 ms on GPU / ~2 ms on CPU at the copy speed
     bytes_per_call = 2 * numel * x.element_size()
     target = 1e9 if device == "cuda" else 2e7  # bytes per measurement

@@ -11,6 +11,10 @@ TORCH_LIBRARY(fisnet, m) {
   m.def("lrp_relu_bwd(Tensor g, Tensor x, float eps) -> Tensor");
   // Its derivative: (d/dg, d/dx) contracted with gg.
   m.def("lrp_relu_bwd_bwd(Tensor gg, Tensor g, Tensor x, float eps) -> (Tensor, Tensor)");
+  // z+ rule ratio step (Dual ISNet): g * num / (zp + eps), all of one shape; 0 where zp + eps == 0.
+  m.def("zplus_ratio(Tensor g, Tensor num, Tensor zp, float eps) -> Tensor");
+  // Its derivative contracted with gs: (d/dg, d/dnum, d/dzp); 0 where zp + eps == 0.
+  m.def("zplus_ratio_bwd(Tensor gs, Tensor g, Tensor num, Tensor zp, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef FISNET_WITH_CUDA

@@ -44,10 +44,15 @@ except ImportError as exc:  # extension not built: define the schemas here, refe
     _fallback_lib.define("lrp_relu_fwd(Tensor x) -> Tensor")
     _fallback_lib.define("lrp_relu_bwd(Tensor g, Tensor x, float eps) -> Tensor")
     _fallback_lib.define("lrp_relu_bwd_bwd(Tensor gg, Tensor g, Tensor x, float eps) -> (Tensor, Tensor)")
+    _fallback_lib.define("zplus_ratio(Tensor g, Tensor num, Tensor zp, float eps) -> Tensor")
+    _fallback_lib.define(
+        "zplus_ratio_bwd(Tensor gs, Tensor g, Tensor num, Tensor zp, float eps) -> (Tensor, Tensor, Tensor)")
     for _key in ("CPU", "CUDA"):
         _fallback_lib.impl("lrp_relu_fwd", reference.lrp_relu_fwd, _key)
         _fallback_lib.impl("lrp_relu_bwd", reference.lrp_relu_bwd, _key)
         _fallback_lib.impl("lrp_relu_bwd_bwd", reference.lrp_relu_bwd_bwd, _key)
+        _fallback_lib.impl("zplus_ratio", reference.zplus_ratio, _key)
+        _fallback_lib.impl("zplus_ratio_bwd", reference.zplus_ratio_bwd, _key)
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -287,18 +292,54 @@ class _LRPReLU(torch.autograd.Function):
         return gx, None, None, None
 
 
-def lrp_relu(x: torch.Tensor, eps: float = 1e-2, switch: Optional[HeatmapSwitch] = None,
-             backend: Optional[str] = None) -> torch.Tensor:
-    """ReLU whose backward is the LRP-Flex factor ``y/(y+eps)`` (always when `switch` is None,
-    else only while the switch is on); differentiable twice (the heatmap can be trained on)."""
+class _LRPReLUInplace(torch.autograd.Function):
+    """In-place form: rectifies x in place (autograd sees an in-place op) and saves the output.
+
+    y > 0 exactly where x > 0 and y = x there, so the backward kernels take y in place of x; the
+    gradient of the saved y flows back through this node, whose backward is the ReLU derivative
+    while the switch is off (the double backward of a training step)."""
+
+    @staticmethod
+    def forward(ctx, x, eps, switch, fam):
+        torch.relu_(x)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        ctx.eps, ctx.switch, ctx.fam = eps, switch, fam
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        if ctx.switch is None or ctx.switch.active:
+            gx = ctx.fam.bwd(grad, y, ctx.eps)
+        else:
+            gx = torch.ops.aten.threshold_backward(grad, y, 0)
+        return gx, None, None, None
+
+
+def _check_args(x, eps):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"lrp_relu expects a floating-point tensor, got {type(x).__name__}"
                         + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"lrp_relu: eps must be >= 0 (eps = 0 gives the plain gradient), got {eps}")
-    fam = family(x.device, backend)
-    return _LRPReLU.apply(x, eps, switch, fam)
+    return eps
+
+
+def lrp_relu_(x: torch.Tensor, eps: float = 1e-2, switch: Optional[HeatmapSwitch] = None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """In-place `lrp_relu` (what `nn.ReLU(inplace=True)` / `x.relu_()` become under fisnet)."""
+    eps = _check_args(x, eps)
+    return _LRPReLUInplace.apply(x, eps, switch, family(x.device, backend))
+
+
+def lrp_relu(x: torch.Tensor, eps: float = 1e-2, switch: Optional[HeatmapSwitch] = None,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """ReLU whose backward is the LRP-Flex factor ``y/(y+eps)`` (always when `switch` is None,
+    else only while the switch is on); differentiable twice (the heatmap can be trained on)."""
+    eps = _check_args(x, eps)
+    return _LRPReLU.apply(x, eps, switch, family(x.device, backend))
 
 
 class LRPReLU(torch.nn.Module):

@@ -8,6 +8,8 @@ kernel applies.  Semantics (x is the ReLU's input, y = relu(x)):
 
 `g` (and `gg`) may have extra leading "slot" dimensions over x's shape; x is broadcast.
 Half-precision inputs are computed in float32 and cast back.
+
+The z⁺ rule's ratio step (zplus_ratio, zplus_ratio_bwd) is at the end of this file.
 """
 import torch
 
@@ -36,3 +38,40 @@ def lrp_relu_bwd_bwd(gg: torch.Tensor, g: torch.Tensor, x: torch.Tensor, eps: fl
     dx = gga * ga * (eps * inv * inv)
     zero = torch.zeros_like(dg)
     return torch.where(pos, dg, zero).to(g.dtype), torch.where(pos, dx, zero).to(g.dtype)
+
+
+# ---- the z⁺ rule's ratio step (Dual ISNet, SPEC §3.1) ---------------------------------------
+#
+#     zplus_ratio(g, num, zp, eps)          = g * num / (zp + eps)
+#     zplus_ratio_bwd(gs, g, num, zp, eps)  = (gs * num / (zp + eps),            d/dg
+#                                              gs * g / (zp + eps),              d/dnum
+#                                              -gs * g * num / (zp + eps)^2)     d/dzp
+#
+# All tensors have one shape.  Where zp + eps == 0 every output is 0 (a safe denominator: no
+# inf/NaN from the division itself; NaN in the inputs still propagates).
+
+
+def _zplus_inv(zp: torch.Tensor, eps: float):
+    """(1 / (zp + eps) with 0 where zp + eps == 0, the mask zp + eps != 0), in zp's dtype."""
+    den = zp + eps
+    nz = den != 0
+    inv = torch.where(nz, 1.0 / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(den))
+    return inv, nz
+
+
+def zplus_ratio(g: torch.Tensor, num: torch.Tensor, zp: torch.Tensor, eps: float) -> torch.Tensor:
+    ga, na, za = _acc(g), _acc(num), _acc(zp)
+    den = za + eps
+    nz = den != 0
+    out = torch.where(nz, ga * na / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(ga))
+    return out.to(g.dtype)
+
+
+def zplus_ratio_bwd(gs: torch.Tensor, g: torch.Tensor, num: torch.Tensor, zp: torch.Tensor, eps: float):
+    gsa, ga, na, za = _acc(gs), _acc(g), _acc(num), _acc(zp)
+    inv, nz = _zplus_inv(za, eps)
+    zero = torch.zeros_like(gsa)
+    dg = torch.where(nz, gsa * na * inv, zero)
+    dnum = torch.where(nz, gsa * ga * inv, zero)
+    dzp = torch.where(nz, -(gsa * ga * na) * (inv * inv), zero)
+    return dg.to(g.dtype), dnum.to(g.dtype), dzp.to(g.dtype)

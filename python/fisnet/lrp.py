@@ -36,6 +36,7 @@ class UnsupportedActivationError(TypeError):
 
 _T = torch.Tensor
 RELU_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, _T.relu, _T.relu_}
+INPLACE_RELU_FUNCS = {F.relu_, torch.relu_, _T.relu_}
 CONV_FUNCS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear"}
 
 _unsupported_funcs = {}
@@ -123,7 +124,12 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in RELU_FUNCS:
             x = args[0] if args else kwargs["input"]
-            y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
+            inplace = func in INPLACE_RELU_FUNCS or (func is F.relu and bool(
+                args[1] if len(args) > 1 else kwargs.get("inplace", False)))
+            if inplace:
+                y = fisnet_ext.lrp_relu_(x, self.eps, self.switch, self.backend)
+            else:
+                y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
             self.n_relu += 1
             if self.recording and self.first is not None:
                 src = self.first.bn_output if self.first.bn_output is not None else self.first.output
@@ -231,7 +237,7 @@ class LRPTrace:
             wrt.append(t)
         if retain_graph is None:
             retain_graph = True
-        with (self.switch if lrp_switch else contextlib.nullcontext()):
+        with torch.enable_grad(), (self.switch if lrp_switch else contextlib.nullcontext()):
             if M == 1:
                 grads = torch.autograd.grad(q.sum(), wrt, create_graph=create_graph, retain_graph=retain_graph,
                                             allow_unused=True)
@@ -323,14 +329,19 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
     switch = fisnet_ext.HeatmapSwitch()
     x_leaf = None
     x_in = x
-    if not zb:
+    params = list(model.parameters())
+    frozen = not params or not all(p.requires_grad for p in params)
+    if not zb or frozen:
+        # the input itself needs grad when the map is taken there, or when frozen layers would
+        # leave the tensors the maps are taken at without a graph
         x_leaf = x.detach().requires_grad_(True)
         x_in = x_leaf
     outputs: Dict[str, torch.Tensor] = {}
     zswitch = fisnet_ext.HeatmapSwitch() if zplus else None
     mode = _Interceptor(eps, switch, backend, x_in, record_first=zb, first_weight=first_weight, zswitch=zswitch)
-    with _capture_outputs(model, layers, outputs), mode:
+    with torch.enable_grad(), _capture_outputs(model, layers, outputs), mode:
         logits = model(x_in)
+    outputs = {name: outputs[name] for name in layers if name in outputs}  # the order asked for
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model returned {type(logits).__name__}; fisnet expects a logits tensor (B, K)")
     if mode.n_relu == 0:
@@ -399,9 +410,10 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, *, eps: float = 1e-2
     automatic detection fails.  create_graph=True keeps the maps differentiable in the weights.
     The model runs as it is (call model.eval() first for eval-mode BatchNorm) and is not modified.
     """
-    t = trace(model, x, eps=eps, zb=zb, bounds=bounds, layers=layers, zb_layer=zb_layer, backend=backend)
-    q = select_logits(t.logits, target)
-    maps = t.relevance(q, create_graph=create_graph, retain_graph=create_graph)
+    with torch.enable_grad():
+        t = trace(model, x, eps=eps, zb=zb, bounds=bounds, layers=layers, zb_layer=zb_layer, backend=backend)
+        q = select_logits(t.logits, target)
+        maps = t.relevance(q, create_graph=create_graph, retain_graph=create_graph)
     if not create_graph:
         maps = {k: v.detach() for k, v in maps.items()}
     return maps if layers else maps["input"]

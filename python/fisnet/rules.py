@@ -27,8 +27,10 @@ class LinearLayer:
     dilation: tuple = (1,)
     groups: int = 1
 
-    def forward(self, a: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, weight=None, bias=...) -> torch.Tensor:
+        """The layer at `a`; `weight`/`bias` replace the layer's own (bias=None: no bias)."""
         w = self.weight if weight is None else weight
+        bias = self.bias if bias is ... else bias
         if self.kind == "linear":
             return F.linear(a, w, bias)
         conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+import fisnet_ext
+
 from .rules import LinearLayer, fold_batchnorm
 
 
@@ -50,7 +52,7 @@ def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: fl
     bp = None if layer.bias is None else layer.bias.clamp(min=0)
     zp = layer.forward(rec.input, wp, bp)
     num = zp if rec.is_logits else z
-    s = g * num / (zp + eps)
+    s = fisnet_ext.zplus_ratio(g, num, zp, eps)  # fused g·num/(z⁺+ε), with its double backward
     return layer.transpose(s, wp, rec.input.shape)
 
 

