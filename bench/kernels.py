@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import re
 import statistics
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fisnet.bench_scaling import device_name  # one definition for both benchmarks
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
@@ -43,19 +44,6 @@ EPS = 1e-2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 COLUMNS = ["device", "backend", "op", "dtype", "numel", "ms_median", "gbps", "frac_of_copy_bw",
            "speedup_vs_reference", "torch_version"]
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def slug(name: str) -> str:

@@ -2,6 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+#include <utility>
+
 namespace fisnet {
 
 inline void check_float(const at::Tensor& t, const char* name) {
@@ -22,6 +25,24 @@ inline void check_bwd_args(const at::Tensor& g, const at::Tensor& x, double eps)
   auto xs = x.sizes();
   TORCH_CHECK(gs.slice(gs.size() - xs.size()) == xs, "fisnet.lrp_relu_bwd: g has shape ", gs, ", x has shape ",
               xs, "; g must have x's shape, optionally with leading slot dimensions");
+}
+
+// zplus ops: every tensor has the first one's floating dtype, device and shape; eps >= 0.
+inline void check_zplus_args(const char* op, double eps,
+                             std::initializer_list<std::pair<const at::Tensor*, const char*>> ts) {
+  const at::Tensor& ref = *ts.begin()->first;
+  const char* ref_name = ts.begin()->second;
+  check_float(ref, ref_name);
+  for (auto it = ts.begin() + 1; it != ts.end(); ++it) {
+    const at::Tensor& t = *it->first;
+    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fisnet.", op, ": ", it->second, " is ", t.scalar_type(),
+                " but ", ref_name, " is ", ref.scalar_type(), "; pass tensors of one dtype");
+    TORCH_CHECK(t.device() == ref.device(), "fisnet.", op, ": ", it->second, " is on ", t.device(), " but ",
+                ref_name, " is on ", ref.device());
+    TORCH_CHECK(t.sizes() == ref.sizes(), "fisnet.", op, ": ", it->second, " has shape ", t.sizes(), " but ",
+                ref_name, " has shape ", ref.sizes(), "; all tensors must have one shape");
+  }
+  TORCH_CHECK(eps >= 0.0, "fisnet.", op, ": eps must be >= 0, got ", eps);
 }
 
 }  // namespace fisnet

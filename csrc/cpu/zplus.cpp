@@ -23,24 +23,6 @@ namespace {
 
 constexpr int64_t kGrain = 32768;
 
-// Checks shared by both ops: one floating dtype, one device, one shape, eps >= 0.
-void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fisnet.", op, ": ", name, " is ", t.scalar_type(), " but ",
-              ref_name, " is ", ref.scalar_type(), "; pass tensors of one dtype");
-  TORCH_CHECK(t.device() == ref.device(), "fisnet.", op, ": ", name, " is on ", t.device(), " but ", ref_name,
-              " is on ", ref.device());
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fisnet.", op, ": ", name, " has shape ", t.sizes(), " but ", ref_name,
-              " has shape ", ref.sizes(), "; all tensors must have one shape");
-}
-
-void check_zplus_args(const char* op, double eps, std::initializer_list<std::pair<const at::Tensor*, const char*>> ts) {
-  auto first = *ts.begin();
-  check_float(*first.first, first.second);
-  for (auto it = ts.begin() + 1; it != ts.end(); ++it) check_same(*it->first, *first.first, op, it->second, first.second);
-  TORCH_CHECK(eps >= 0.0, "fisnet.", op, ": eps must be >= 0, got ", eps);
-}
-
 // Branch-free loops (a safe denominator, then a select) so that gcc vectorises them with
 // -fno-trapping-math (setup.py).  Three details matter to gcc 12 (check with -fopt-info-vec):
 // every input is loaded into a local before the arithmetic and every select goes to a local

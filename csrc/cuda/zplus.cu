@@ -163,26 +163,6 @@ inline unsigned grid_for(int64_t work) {
                                                                        resident_blocks())));
 }
 
-// Checks shared by both ops (as in csrc/cpu/zplus.cpp): one floating dtype, one device (a CUDA
-// one), one shape, eps >= 0.
-void check_zplus_args(const char* op, double eps,
-                      std::initializer_list<std::pair<const at::Tensor*, const char*>> ts) {
-  const at::Tensor& ref = *ts.begin()->first;
-  const char* ref_name = ts.begin()->second;
-  check_float(ref, ref_name);
-  for (auto it = ts.begin() + 1; it != ts.end(); ++it) {
-    const at::Tensor& t = *it->first;
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fisnet.", op, ": ", it->second, " is ", t.scalar_type(),
-                " but ", ref_name, " is ", ref.scalar_type(), "; pass tensors of one dtype");
-    TORCH_CHECK(t.device() == ref.device(), "fisnet.", op, ": ", it->second, " is on ", t.device(), " but ",
-                ref_name, " is on ", ref.device());
-    TORCH_CHECK(t.sizes() == ref.sizes(), "fisnet.", op, ": ", it->second, " has shape ", t.sizes(), " but ",
-                ref_name, " has shape ", ref.sizes(), "; all tensors must have one shape");
-  }
-  TORCH_CHECK(eps >= 0.0, "fisnet.", op, ": eps must be >= 0, got ", eps);
-  TORCH_CHECK(ref.is_cuda(), "fisnet: ", ref_name, " must be a CUDA tensor, got one on ", ref.device());
-}
-
 at::Tensor zplus_ratio_cuda(const at::Tensor& g, const at::Tensor& num, const at::Tensor& zp, double eps) {
   check_zplus_args("zplus_ratio", eps, {{&g, "g"}, {&num, "num"}, {&zp, "zp"}});
   const c10::cuda::CUDAGuard guard(g.device());

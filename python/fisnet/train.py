@@ -70,6 +70,7 @@ class TrainConfig:
     variant: str = "selective"
     optimizer: str = "sgd"  # "sgd" | "adam"
     lr: float = 1e-2
+    lr_schedule: str = "constant"  # "constant" | "cosine" (per epoch, from lr down to lr/100)
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 128
@@ -401,9 +402,21 @@ class Trainer:
             g.copy_(flat[off:off + n].view_as(g))
             off += n
 
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of `epoch` (a pure function of the epoch, so resuming is exact)."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        if cfg.lr_schedule == "cosine":
+            floor = cfg.lr / 100.0
+            return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose 'constant' or 'cosine'")
+
     def train_epoch(self) -> Dict[str, Any]:
         cfg = self.cfg
         e = self.epoch
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(e)
         P = self.crit.p_at(e)
         self.sampler.set_epoch(e)
         self.model.train()
