@@ -141,3 +141,22 @@ def test_ddp_two_processes_match_single(tmp_path):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6, msg=k)
         moved |= not torch.equal(ref[k], tiny_model().state_dict()[k])
     assert moved
+
+
+def test_lr_schedule_cosine_and_constant():
+    import math
+
+    from fisnet.train import Trainer, TrainConfig
+    cfg = TrainConfig(epochs=10, lr=1e-2, lr_schedule="cosine", progress=False)
+    tr = Trainer.__new__(Trainer)  # lr_at only reads the config
+    tr.cfg = cfg
+    assert tr.lr_at(0) == pytest.approx(1e-2)
+    assert tr.lr_at(5) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4))
+    assert tr.lr_at(9) < tr.lr_at(8) < tr.lr_at(1)
+    assert tr.lr_at(10) == pytest.approx(1e-4)
+    tr.cfg = TrainConfig(epochs=10, lr=3e-3, lr_schedule="constant", progress=False)
+    assert all(tr.lr_at(e) == 3e-3 for e in range(10))
+    tr.cfg = TrainConfig(epochs=10, lr_schedule="step", progress=False)
+    with pytest.raises(ValueError, match="cosine"):
+        tr.lr_at(0)
+    assert not math.isnan(tr.cfg.lr)

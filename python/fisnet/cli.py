@@ -24,10 +24,13 @@ __all__ = ["main", "build_parser", "run_demo", "DEMO_DEFAULTS", "QUICK_DEFAULTS"
 # The demo's settings, chosen so that the whole run fits in 10 minutes on 2 CPU cores (see
 # run_demo): a small BatchNorm CNN (width 8) and Adam. Without BatchNorm the ISNet did not learn
 # from scratch here (the heatmap loss drives the un-normalised network to constant outputs).
+# Measured (docs/demo.md): from scratch, Adam 3e-3 with a cosine decay over 40 epochs brings the
+# Selective ISNet to ~96% on all three test sets; a constant lr ends noisily (±10 points between
+# epochs), fewer epochs end below 85% on some seeds.
 DEMO_DEFAULTS = dict(n_train=4000, n_test=1000, width=8, batchnorm=True, batch_size=64, optimizer="adam",
-                     lr=3e-3, plain_epochs=3, isnet_epochs=25, P=0.7, share_max_images=None)
+                     lr=3e-3, lr_schedule="cosine", plain_epochs=3, isnet_epochs=40, P=0.7, share_max_images=None)
 QUICK_DEFAULTS = dict(n_train=192, n_test=64, width=4, batchnorm=True, batch_size=64, optimizer="adam", lr=2e-3,
-                      plain_epochs=1, isnet_epochs=1, P=0.7, share_max_images=None)
+                      lr_schedule="constant", plain_epochs=1, isnet_epochs=1, P=0.7, share_max_images=None)
 
 TEST_SETS = ("biased", "unbiased", "deceiving")
 
@@ -80,7 +83,8 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
         s = dict(spec)
         return models.build(s.pop("name"), **s)
 
-    common = dict(variant=variant, optimizer=p["optimizer"], lr=p["lr"], batch_size=p["batch_size"], seed=seed,
+    common = dict(variant=variant, optimizer=p["optimizer"], lr=p["lr"], lr_schedule=p["lr_schedule"],
+                  batch_size=p["batch_size"], seed=seed,
                   device=device, progress=progress, model_spec=spec,
                   eval_share_max_images=p["share_max_images"])
 
