@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fisnet",
         description="Faster ISNet: train image classifiers whose LRP heatmaps ignore biased backgrounds.",
-        epilog="Start with `fisnet demo` (about 5-10 minutes on 2 CPU cores). `fisnet COMMAND --help` for details.",
+        epilog="Start with `fisnet demo` (about 3 minutes on 2 CPU cores). `fisnet COMMAND --help` for details.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"fisnet {_ver()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")

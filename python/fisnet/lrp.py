@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 import fisnet_ext
 
-from .rules import LinearLayer, bound_images, fold_batchnorm, zb_relevance
+from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, zb_relevance
 from .zplus import LayerRecord, ZPlusTap
 
 
@@ -84,6 +84,17 @@ class _FirstLayer:
     bn_output: Optional[torch.Tensor] = None
 
 
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _call_args(names, args, kwargs) -> dict:
+    """The arguments of an intercepted call by name."""
+    vals = dict(zip(names, args))
+    vals.update(kwargs)
+    return vals
+
+
 def _make_layer(kind: str, vals: dict) -> LinearLayer:
     """A LinearLayer from the arguments of an F.conv*/F.linear call."""
     nd = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "linear": 0}[kind]
@@ -105,18 +116,16 @@ def _make_layer(kind: str, vals: dict) -> LinearLayer:
 
 
 class _Interceptor(TorchFunctionMode):
-    def __init__(self, eps, switch, backend, model_input, record_first, first_weight=None, zswitch=None):
+    def __init__(self, eps, switch, backend, record_first, first_weight=None, zswitch=None):
         super().__init__()
         self.zswitch = zswitch  # set for the Dual ISNet: conv/linear outputs get z⁺ taps
         self.records: List[LayerRecord] = []
         self.eps = eps
         self.switch = switch
         self.backend = backend
-        self.model_input = model_input
         self.recording = record_first
         self.first_weight = first_weight  # a Parameter, when the user named the Zb layer
         self.first: Optional[_FirstLayer] = None
-        self.relu0_input: Optional[torch.Tensor] = None
         self.relu0_output: Optional[torch.Tensor] = None
         self.n_relu = 0
 
@@ -134,7 +143,7 @@ class _Interceptor(TorchFunctionMode):
             if self.recording and self.first is not None:
                 src = self.first.bn_output if self.first.bn_output is not None else self.first.output
                 if x is src:
-                    self.relu0_input, self.relu0_output = x, y
+                    self.relu0_output = y
                     self.recording = False
             return y
         if func in UNSUPPORTED_FUNCS:
@@ -150,9 +159,7 @@ class _Interceptor(TorchFunctionMode):
 
     def _tap(self, func, args, kwargs, out):
         if func in CONV_FUNCS:
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            vals = dict(zip(names, args))
-            vals.update(kwargs)
+            vals = _call_args(_CONV_ARGS, args, kwargs)
             rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], conv_out=out)
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
@@ -162,29 +169,19 @@ class _Interceptor(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             rec = self.records[-1]
             if getattr(x, "_fisnet_tap", None) is rec and rec.bn is None:
-                names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-                vals = dict(zip(names, args))
-                vals.update(kwargs)
-                rec.bn = vals
+                rec.bn = _call_args(_BN_ARGS, args, kwargs)
                 return ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
         return out
 
     def _record(self, func, args, kwargs, out):
         if func in CONV_FUNCS:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if self.first is None and (self.first_weight is None or weight is self.first_weight):
-                kind = CONV_FUNCS[func]
-                names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-                vals = dict(zip(names, args))
-                vals.update(kwargs)
-                self.first = _FirstLayer(_make_layer(kind, vals), vals["input"], out)
+            vals = _call_args(_CONV_ARGS, args, kwargs)
+            if self.first is None and (self.first_weight is None or vals["weight"] is self.first_weight):
+                self.first = _FirstLayer(_make_layer(CONV_FUNCS[func], vals), vals["input"], out)
         elif func is F.batch_norm and self.first is not None and self.first.bn is None:
             x = args[0] if args else kwargs["input"]
             if x is self.first.output:
-                names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-                vals = dict(zip(names, args))
-                vals.update(kwargs)
-                self.first.bn = vals
+                self.first.bn = _call_args(_BN_ARGS, args, kwargs)
                 self.first.bn_output = out
 
 
@@ -258,16 +255,7 @@ class LRPTrace:
 
     def _zb(self, r_out: torch.Tensor) -> torch.Tensor:
         first = self.first
-        layer = first.layer
-        if first.bn is not None:
-            bn = first.bn
-            use_batch = bn.get("training", False) or bn.get("running_mean") is None
-            if use_batch:
-                dims = [0] + list(range(2, first.output.dim()))
-                var, mean = torch.var_mean(first.output, dim=dims, unbiased=False)
-            else:
-                mean, var = bn["running_mean"], bn["running_var"]
-            layer = fold_batchnorm(layer, mean, var, bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5)))
+        layer = first.layer if first.bn is None else fold_batchnorm_as_used(first.layer, first.bn, first.output)
         a = first.input
         low, high, low_b, high_b = bound_images(self.bounds, self.x)
         if a.shape != self.x.shape:  # e.g. flattened input of a linear first layer
@@ -338,7 +326,7 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
         x_in = x_leaf
     outputs: Dict[str, torch.Tensor] = {}
     zswitch = fisnet_ext.HeatmapSwitch() if zplus else None
-    mode = _Interceptor(eps, switch, backend, x_in, record_first=zb, first_weight=first_weight, zswitch=zswitch)
+    mode = _Interceptor(eps, switch, backend, record_first=zb, first_weight=first_weight, zswitch=zswitch)
     with torch.enable_grad(), _capture_outputs(model, layers, outputs), mode:
         logits = model(x_in)
     outputs = {name: outputs[name] for name in layers if name in outputs}  # the order asked for

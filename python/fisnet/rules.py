@@ -61,6 +61,18 @@ def fold_batchnorm(layer: LinearLayer, mean, var, gamma, beta, bn_eps: float) ->
     return LinearLayer(layer.kind, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
+def fold_batchnorm_as_used(layer: LinearLayer, bn: dict, conv_out: torch.Tensor) -> LinearLayer:
+    """Fold a BatchNorm, given the arguments of its `F.batch_norm` call, with the statistics that
+    call used: the batch's (of `conv_out`, the layer output it normalised) in training mode or
+    without running statistics, the running statistics otherwise."""
+    if bn.get("training", False) or bn.get("running_mean") is None:
+        dims = [0] + list(range(2, conv_out.dim()))
+        var, mean = torch.var_mean(conv_out, dim=dims, unbiased=False)
+    else:
+        mean, var = bn["running_mean"], bn["running_var"]
+    return fold_batchnorm(layer, mean, var, bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5)))
+
+
 def bound_images(bounds, x: torch.Tensor):
     """(l, h) as tensors broadcastable to x (1, C, 1, 1...) plus scalar bias bounds (l_b, h_b).
 

@@ -22,7 +22,7 @@ import torch
 
 import fisnet_ext
 
-from .rules import LinearLayer, fold_batchnorm
+from .rules import LinearLayer, fold_batchnorm_as_used
 
 
 @dataclass
@@ -35,15 +35,7 @@ class LayerRecord:
 
 
 def folded(rec: LayerRecord) -> LinearLayer:
-    if rec.bn is None:
-        return rec.layer
-    bn = rec.bn
-    if bn.get("training", False) or bn.get("running_mean") is None:
-        dims = [0] + list(range(2, rec.conv_out.dim()))
-        var, mean = torch.var_mean(rec.conv_out, dim=dims, unbiased=False)
-    else:
-        mean, var = bn["running_mean"], bn["running_var"]
-    return fold_batchnorm(rec.layer, mean, var, bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5)))
+    return rec.layer if rec.bn is None else fold_batchnorm_as_used(rec.layer, rec.bn, rec.conv_out)
 
 
 def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
