@@ -57,6 +57,14 @@ except ImportError as exc:  # extension not built: define the schemas here, refe
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _register_vmap(name):
+    """torch.library.register_vmap where this torch has it; otherwise a no-op (batched heatmaps
+    of several maps per image then need a torch with it)."""
+    if hasattr(torch.library, "register_vmap"):
+        return torch.library.register_vmap(name)
+    return lambda fn: fn
+
+
 def _triton():
     from .triton import lrp_relu as tl  # imported lazily: importing triton is slow
 
@@ -170,7 +178,7 @@ def _register_family(fwd_name: str, bwd_name: str, bwd_bwd_name: str) -> Family:
             return t.unsqueeze(0).expand(n, *t.shape)
         return t.movedim(d, 0)
 
-    @torch.library.register_vmap(f"fisnet::{fwd_name}")
+    @_register_vmap(f"fisnet::{fwd_name}")
     def _(info, in_dims, x):
         (xd,) = in_dims
         return fwd(x), xd
@@ -184,13 +192,13 @@ def _register_family(fwd_name: str, bwd_name: str, bwd_bwd_name: str) -> Family:
             x = x.reshape(x.shape[:1] + (1,) * extra + x.shape[1:]).expand(gs[0].shape).contiguous()
         return gs, x
 
-    @torch.library.register_vmap(f"fisnet::{bwd_name}")
+    @_register_vmap(f"fisnet::{bwd_name}")
     def _(info, in_dims, g, x, eps):
         gd, xd, _ = in_dims
         (g,), x = _vmap_inputs(info, [g], [gd], x, xd)
         return bwd(g, x, eps), 0
 
-    @torch.library.register_vmap(f"fisnet::{bwd_bwd_name}")
+    @_register_vmap(f"fisnet::{bwd_bwd_name}")
     def _(info, in_dims, gg, g, x, eps):
         ggd, gd, xd, _ = in_dims
         (gg, g), x = _vmap_inputs(info, [gg, g], [ggd, gd], x, xd)

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ops, reference  # ops: loads _C (the schemas and C++ kernels) or the fallback schemas
+from .ops import _register_vmap
 
 HAVE_TRITON = ops.HAVE_TRITON
 
@@ -135,12 +136,12 @@ def _register_family(name: str, ratio_name: str, bwd_name: str) -> ZPlusFamily:
         return [t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(n, *t.shape)
                 for t, d in zip(tensors, dims)]
 
-    @torch.library.register_vmap(f"fisnet::{ratio_name}")
+    @_register_vmap(f"fisnet::{ratio_name}")
     def _(info, in_dims, g, num, zp, eps):
         g, num, zp = _front(info, (g, num, zp), in_dims[:3])
         return ratio(g, num, zp, eps), 0
 
-    @torch.library.register_vmap(f"fisnet::{bwd_name}")
+    @_register_vmap(f"fisnet::{bwd_name}")
     def _(info, in_dims, gs, g, num, zp, eps):
         gs, g, num, zp = _front(info, (gs, g, num, zp), in_dims[:4])
         return ratio_bwd(gs, g, num, zp, eps), (0, 0, 0)
