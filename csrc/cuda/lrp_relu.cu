@@ -22,24 +22,15 @@
 #include <tuple>
 
 #include "../fisnet_common.h"
+#include "launch.cuh"
 
 namespace fisnet {
 namespace {
 
-constexpr int kThreads = 256;
+using namespace cuda_launch;
+
 constexpr int kMaxGridY = 65535;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename T>
-constexpr int vec_size() {
-  return static_cast<int>(16 / sizeof(T));
-}
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) % 16) == 0; }
 
 // ---- element-wise bodies (acc_t arithmetic) -------------------------------------------------
 
@@ -161,21 +152,6 @@ bwd_bwd_kernel(const scalar_t* __restrict__ gg, const scalar_t* __restrict__ g, 
 
 // ---- launch helpers -------------------------------------------------------------------------
 
-// Threads the current device holds resident (SMs x threads per SM), cached per device.  Only
-// c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers),
-// so this file compiles against a bare CUDA toolkit too.
-inline int64_t resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static int64_t cache[kMaxDevices] = {0};
-  const c10::DeviceIndex dev = c10::cuda::current_device();
-  if (dev >= 0 && dev < kMaxDevices && cache[dev] > 0) return cache[dev];
-  int sms = 0, threads = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
-  const int64_t r = static_cast<int64_t>(std::max(sms, 1)) * std::max(1, threads / kThreads);
-  if (dev >= 0 && dev < kMaxDevices) cache[dev] = r;  // benign race: every writer stores the same value
-  return r;
-}
 
 // 2-D grid for M slots of `work` steps each: x covers one slot's steps (capped at what the GPU
 // holds resident, the rest is the grid-stride loop), y the slots (capped likewise and at 65535).
