@@ -16,11 +16,12 @@ from .ops import (
     lrp_relu_,
     lrp_relu_bwd,
     lrp_relu_bwd_bwd,
+    slot_mask,
 )
 from .zplus_ops import zplus_ratio
 
 __all__ = [
     "BACKENDS", "current_backend", "use_backend", "HAVE_C", "HAVE_TRITON", "WITH_CUDA",
-    "HeatmapSwitch", "LRPReLU", "family", "lrp_relu", "lrp_relu_", "lrp_relu_bwd", "lrp_relu_bwd_bwd",
+    "HeatmapSwitch", "LRPReLU", "family", "lrp_relu", "lrp_relu_", "lrp_relu_bwd", "lrp_relu_bwd_bwd", "slot_mask",
     "zplus_ratio",
 ]

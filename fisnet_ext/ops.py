@@ -21,6 +21,7 @@ heatmap.  Without a switch the op always uses the LRP-Flex factor.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -245,6 +246,42 @@ def family(device: torch.device, backend: Optional[str] = None) -> Family:
 
 
 # --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fisnet::slot_mask", mutates_args=())
+def _slot_mask(t: torch.Tensor, slot: int) -> torch.Tensor:
+    raise RuntimeError("fisnet.slot_mask selects one rule slot of a backward run under torch.func.vmap "
+                       "over rule slots; it has no meaning outside such a vmap")
+
+
+@_slot_mask.register_fake
+def _(t, slot):
+    return torch.empty_like(t)
+
+
+@_register_vmap("fisnet::slot_mask")
+def _(info, in_dims, t, slot):
+    td, _ = in_dims
+    t = t.unsqueeze(0).expand((info.batch_size,) + tuple(t.shape)) if td is None else t.movedim(td, 0)
+    keep = torch.zeros(info.batch_size, dtype=t.dtype, device=t.device)
+    keep[slot] = 1
+    return t * keep.reshape((-1,) + (1,) * (t.dim() - 1)), 0
+
+
+def slot_mask(t: torch.Tensor, slot: int) -> torch.Tensor:
+    """Under `torch.func.vmap` over rule slots: `t` in slot `slot`, zero in the others."""
+    return _slot_mask(t, slot)
+
+
+def relu_backward(switch: Optional["HeatmapSwitch"], fam: Family, grad: torch.Tensor, x: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """The backward of a ReLU under `switch` (x: its input, or its output — same sign pattern)."""
+    if switch is None or switch.active:
+        g_lrp = fam.bwd(grad, x, eps)
+        if switch is not None and switch.dual:  # slot 0: LRP-ε factor; slot 1: plain derivative
+            return slot_mask(g_lrp, 0) + slot_mask(torch.ops.aten.threshold_backward(grad, x, 0), 1)
+        return g_lrp
+    return torch.ops.aten.threshold_backward(grad, x, 0)
+
+
 class HeatmapSwitch:
     """Decides whether the `lrp_relu` ops that share it backpropagate the LRP-Flex factor.
 
@@ -254,10 +291,11 @@ class HeatmapSwitch:
     gets its own switch: nothing is global, and models with different eps do not interact.
     """
 
-    __slots__ = ("_depth",)
+    __slots__ = ("_depth", "dual")
 
     def __init__(self):
         self._depth = 0
+        self.dual = False  # two rule slots (Dual ISNet): see `two_slots`
 
     @property
     def active(self) -> bool:
@@ -270,6 +308,18 @@ class HeatmapSwitch:
     def __exit__(self, *exc):
         self._depth -= 1
         return False
+
+    @contextlib.contextmanager
+    def two_slots(self):
+        """On, for a backward run under `torch.func.vmap` over two rule slots: the ops sharing
+        the switch apply their heatmap rule to slot 0 and their ordinary backward to slot 1."""
+        old = self.dual
+        self.dual = True
+        try:
+            with self:
+                yield self
+        finally:
+            self.dual = old
 
     def __repr__(self):
         return f"HeatmapSwitch(active={self.active})"
@@ -293,11 +343,7 @@ class _LRPReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        if ctx.switch is None or ctx.switch.active:
-            gx = ctx.fam.bwd(grad, x, ctx.eps)
-        else:
-            gx = torch.ops.aten.threshold_backward(grad, x, 0)
-        return gx, None, None, None
+        return relu_backward(ctx.switch, ctx.fam, grad, x, ctx.eps), None, None, None
 
 
 class _LRPReLUInplace(torch.autograd.Function):
@@ -318,11 +364,7 @@ class _LRPReLUInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        if ctx.switch is None or ctx.switch.active:
-            gx = ctx.fam.bwd(grad, y, ctx.eps)
-        else:
-            gx = torch.ops.aten.threshold_backward(grad, y, 0)
-        return gx, None, None, None
+        return relu_backward(ctx.switch, ctx.fam, grad, y, ctx.eps), None, None, None
 
 
 def _check_args(x, eps):

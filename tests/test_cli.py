@@ -120,4 +120,6 @@ def test_bench_quick_subset(tmp_path, capsys):
     assert len(csvs) == 1
     text = (tmp_path / csvs[0]).read_text().splitlines()
     assert text[0].startswith("variant,classes,ms_median,ratio_to_plain")
-    assert len(text) == 1 + 2 * 6
+    from fisnet.bench_scaling import VARIANTS
+    assert len(text) == 1 + 2 * len(VARIANTS)  # a row per variant and K
+    assert {line.split(",")[0] for line in text[1:]} == set(VARIANTS)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 __all__ = ["main", "run", "VARIANTS"]
 
-VARIANTS = ("plain", "original", "original_loop", "selective", "stochastic", "dual")
+VARIANTS = ("plain", "original", "original_loop", "selective", "stochastic", "dual", "dual_slots")
 COLUMNS = ["variant", "classes", "ms_median", "ratio_to_plain", "repeats", "batch", "image", "model",
            "device", "torch", "python"]
 
@@ -60,7 +60,7 @@ def _make_step(variant: str, K: int, x, masks, y, width: int, device) -> Callabl
     model = models.small_cnn(num_classes=K, in_channels=x.shape[1], width=width, batchnorm=True).to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    M = 2 if variant == "dual" else 1
+    M = 2 if variant.startswith("dual") else 1
     cuts = {"input": [[0.05, 2.0]] * M}
     if variant == "plain":
         def step():
@@ -81,7 +81,10 @@ def _make_step(variant: str, K: int, x, masks, y, width: int, device) -> Callabl
             loss.backward()
             opt.step()
         return step
-    net = ISNet(model, variant, generator=torch.Generator(device=device).manual_seed(0))
+    if variant.startswith("dual"):  # "dual": the device's default path; "dual_slots": one two-slot pass
+        net = ISNet(model, "dual", dual_batched=True if variant == "dual_slots" else None)
+    else:
+        net = ISNet(model, variant, generator=torch.Generator(device=device).manual_seed(0))
 
     def step():
         out = net(x, y)

@@ -209,6 +209,44 @@ class LRPTrace:
         with self.zswitch:
             return self._relevance(q, create_graph, retain_graph, lrp_switch=False)
 
+    def relevance_dual(self, create_graph: bool = False):
+        """Both Dual ISNet maps, (B, 2, ...) per tensor, from ONE backward over two rule slots:
+        slot 0 the LRP-ε map of Σ_k z_k, slot 1 the z⁺ map (trace with zplus=True).  Equal to
+        `relevance(logits.sum(1, keepdim=True))` next to `relevance_zplus()`."""
+        if self.zswitch is None:
+            raise RuntimeError("this trace was made without zplus=True; the Dual maps need it")
+        q = self.logits.sum(1, keepdim=True)
+        seeds = torch.ones((2,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+        names, wrt = self._targets()
+        with torch.enable_grad(), self.switch.two_slots(), self.zswitch.two_slots():
+            grads = _batched_grad(q, wrt, create_graph, seeds)
+        return self._finish(names, wrt, [g.transpose(0, 1) for g in grads], q.shape[0], 2)
+
+    def _targets(self):
+        names: List[str] = []
+        wrt: List[torch.Tensor] = []
+        if self.zb:
+            names.append("__relu0__")
+            wrt.append(self.relu0_output)
+        else:
+            names.append("input")
+            wrt.append(self.x_leaf)
+        for name, t in self.layer_outputs.items():
+            names.append(name)
+            wrt.append(t)
+        return names, wrt
+
+    def _finish(self, names, wrt, grads, B: int, M: int):
+        """Relevance a ⊙ G at each target; the Zb rule for the input."""
+        out = {}
+        for name, a, g in zip(names, wrt, grads):
+            if g is None:  # the explained quantity does not depend on this tensor
+                g = torch.zeros((B, M) + tuple(a.shape[1:]), dtype=a.dtype, device=a.device)
+            out[name] = a.unsqueeze(1) * g
+        if self.zb:
+            out["input"] = self._zb(out.pop("__relu0__"))
+        return {"input": out.pop("input"), **out}
+
     def relevance(self, q: torch.Tensor, create_graph: bool = False, retain_graph: Optional[bool] = None):
         """Heatmaps of the per-image quantities `q` (B, M): map m explains q[:, m].
 
@@ -221,17 +259,7 @@ class LRPTrace:
             raise ValueError(f"quantities to explain must have shape (B, M) with B = {self.x.shape[0]}, "
                              f"got {tuple(q.shape)}")
         B, M = q.shape
-        names: List[str] = []
-        wrt: List[torch.Tensor] = []
-        if self.zb:
-            names.append("__relu0__")
-            wrt.append(self.relu0_output)
-        else:
-            names.append("input")
-            wrt.append(self.x_leaf)
-        for name, t in self.layer_outputs.items():
-            names.append(name)
-            wrt.append(t)
+        names, wrt = self._targets()
         if retain_graph is None:
             retain_graph = True
         with torch.enable_grad(), (self.switch if lrp_switch else contextlib.nullcontext()):
@@ -241,14 +269,7 @@ class LRPTrace:
                 grads = [None if g is None else g.unsqueeze(1) for g in grads]
             else:
                 grads = [g.transpose(0, 1) for g in _batched_grad(q, wrt, create_graph)]
-        out = {}
-        for name, a, g in zip(names, wrt, grads):
-            if g is None:  # the explained quantity does not depend on this tensor
-                g = torch.zeros((B, M) + tuple(a.shape[1:]), dtype=a.dtype, device=a.device)
-            out[name] = a.unsqueeze(1) * g
-        if self.zb:
-            out["input"] = self._zb(out.pop("__relu0__"))
-        return {"input": out.pop("input"), **out}
+        return self._finish(names, wrt, grads, B, M)
 
     def _zb(self, r_out: torch.Tensor) -> torch.Tensor:
         first = self.first
@@ -263,8 +284,10 @@ class LRPTrace:
         return r.reshape(r.shape[:2] + tuple(self.x.shape[1:]))
 
 
-def _batched_grad(q: torch.Tensor, wrt: List[torch.Tensor], create_graph: bool) -> List[torch.Tensor]:
-    """Gradients of q (B, M) at `wrt` for the M one-hot seeds of its columns, in one backward.
+def _batched_grad(q: torch.Tensor, wrt: List[torch.Tensor], create_graph: bool,
+                  seeds: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """Gradients of q (B, M) at `wrt` for the M one-hot seeds of its columns (or the given
+    `seeds`, (S, B, M)), in one backward; each result has a leading seed axis.
 
     The backward runs under `torch.func.vmap`, whose batching rules fold the seed axis into the
     batch of every op (convolution and BatchNorm backward included), so with create_graph=True the
@@ -272,7 +295,8 @@ def _batched_grad(q: torch.Tensor, wrt: List[torch.Tensor], create_graph: bool) 
     back to per-seed calls for those ops and records a per-seed graph (measured 1.6x slower than
     a loop over seeds); it is kept only as a fallback for torch builds without torch.func."""
     B, M = q.shape
-    seeds = torch.eye(M, dtype=q.dtype, device=q.device).unsqueeze(1).expand(M, B, M)
+    if seeds is None:
+        seeds = torch.eye(M, dtype=q.dtype, device=q.device).unsqueeze(1).expand(M, B, M)
 
     def one(seed):
         return torch.autograd.grad(q, wrt, seed, create_graph=create_graph, retain_graph=True,

@@ -61,13 +61,16 @@ class ISNet(nn.Module):
     Args: variant; eps (LRP-ε); zb and bounds (Zb first-layer rule); selective_eps and
     selective_class ("argmin" default, "argmax", "label"); lds_layers (module names of the
     model, or "default" for the built-in backbones' `lds_layers`); zb_layer (name of the first
-    layer when automatic detection fails); generator (for the stochastic draws).
+    layer when automatic detection fails); generator (for the stochastic draws); dual_batched
+    (Dual: both maps from one backward over two rule slots — the default on CUDA — or from two
+    backward passes — the default on CPU, where it measured faster).
     """
 
     def __init__(self, model: nn.Module, variant: str = "selective", *, eps: float = 1e-2, zb: bool = True,
                  bounds=(0.0, 1.0), selective_eps: float = 0.01, selective_class: str = "argmin",
                  lds_layers: Optional[Union[str, Sequence[str]]] = None, zb_layer: Optional[str] = None,
-                 generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
+                 generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                 dual_batched: Optional[bool] = None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown ISNet variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -89,6 +92,7 @@ class ISNet(nn.Module):
         self.zb_layer = zb_layer
         self.generator = generator
         self.backend = backend
+        self.dual_batched = dual_batched
 
     @property
     def maps_per_image(self) -> Optional[int]:
@@ -124,10 +128,14 @@ class ISNet(nn.Module):
                 lab = labels if (labels is not None and labels.dim() == 1 and not labels.is_floating_point()) else None
                 targets = stochastic_classes(logits, lab, self.generator)
                 maps = t.relevance(select_logits(logits, targets), create_graph=create_graph, retain_graph=True)
-            else:  # dual: ε map of Σ_k z_k and z⁺ map, one forward, two relevance passes
-                eps_maps = t.relevance(logits.sum(1, keepdim=True), create_graph=create_graph, retain_graph=True)
-                zp_maps = t.relevance_zplus(create_graph=create_graph, retain_graph=True)
-                maps = {k: torch.cat([eps_maps[k], zp_maps[k]], dim=1) for k in eps_maps}
+            else:  # dual: ε map of Σ_k z_k and z⁺ map from one forward
+                batched = self.dual_batched if self.dual_batched is not None else x.device.type == "cuda"
+                if batched:  # one backward over two rule slots
+                    maps = t.relevance_dual(create_graph=create_graph)
+                else:  # two backward passes (faster on CPU, measured: docs/status.md)
+                    eps_maps = t.relevance(logits.sum(1, keepdim=True), create_graph=create_graph, retain_graph=True)
+                    zp_maps = t.relevance_zplus(create_graph=create_graph, retain_graph=True)
+                    maps = {k: torch.cat([eps_maps[k], zp_maps[k]], dim=1) for k in eps_maps}
         if not create_graph:
             maps = {k: v.detach() for k, v in maps.items()}
             logits = logits.detach() if not torch.is_grad_enabled() else logits

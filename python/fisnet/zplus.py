@@ -60,10 +60,17 @@ class ZPlusTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if not ctx.switch.active:
+        sw = ctx.switch
+        if not sw.active:
             return g, None, None, None, None, None
+        if g is None:
+            return None, None, None, None, None, None
         rec = ctx.rec
-        if g is None or (ctx.stage == "conv" and rec.bn is not None):
-            return None, None, None, None, None, None  # the tap after the BatchNorm does the work
+        # two rule slots (Dual ISNet, one batched pass): slot 0 is the LRP-ε pass, where the tap is
+        # an identity; slot 1 the z⁺ pass
+        g_through = fisnet_ext.slot_mask(g, 0) if sw.dual else None
+        if ctx.stage == "conv" and rec.bn is not None:
+            return g_through, None, None, None, None, None  # the tap after the BatchNorm does the z⁺ work
         (z,) = ctx.saved_tensors
-        return None, zplus_input_grad(rec, z, g, ctx.eps), None, None, None, None
+        g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
+        return g_through, zplus_input_grad(rec, z, g_zp, ctx.eps), None, None, None, None
