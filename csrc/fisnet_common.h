@@ -27,6 +27,17 @@ inline void check_bwd_args(const at::Tensor& g, const at::Tensor& x, double eps)
               xs, "; g must have x's shape, optionally with leading slot dimensions");
 }
 
+// lrp_relu_bwd_bwd: the bwd checks, and gg like g (shape, dtype, device).
+inline void check_bwd_bwd_args(const at::Tensor& gg, const at::Tensor& g, const at::Tensor& x, double eps) {
+  check_bwd_args(g, x, eps);
+  TORCH_CHECK(gg.sizes() == g.sizes(), "fisnet.lrp_relu_bwd_bwd: gg has shape ", gg.sizes(),
+              " but g has shape ", g.sizes(), "; they must be equal");
+  TORCH_CHECK(gg.scalar_type() == g.scalar_type(), "fisnet.lrp_relu_bwd_bwd: gg is ", gg.scalar_type(),
+              " but g is ", g.scalar_type(), "; pass tensors of one dtype");
+  TORCH_CHECK(gg.device() == g.device(), "fisnet.lrp_relu_bwd_bwd: gg is on ", gg.device(), " but g is on ",
+              g.device());
+}
+
 // zplus ops: every tensor has the first one's floating dtype, device and shape; eps >= 0.
 inline void check_zplus_args(const char* op, double eps,
                              std::initializer_list<std::pair<const at::Tensor*, const char*>> ts) {

@@ -119,11 +119,7 @@ at::Tensor lrp_relu_bwd_cpu(const at::Tensor& g, const at::Tensor& x, double eps
 
 std::tuple<at::Tensor, at::Tensor> lrp_relu_bwd_bwd_cpu(const at::Tensor& gg, const at::Tensor& g,
                                                        const at::Tensor& x, double eps) {
-  check_bwd_args(g, x, eps);
-  TORCH_CHECK(gg.sizes() == g.sizes(), "fisnet.lrp_relu_bwd_bwd: gg has shape ", gg.sizes(),
-              " but g has shape ", g.sizes(), "; they must be equal");
-  TORCH_CHECK(gg.scalar_type() == g.scalar_type(), "fisnet.lrp_relu_bwd_bwd: gg is ", gg.scalar_type(),
-              " but g is ", g.scalar_type(), "; pass tensors of one dtype");
+  check_bwd_bwd_args(gg, g, x, eps);
   auto ggc = gg.contiguous();
   auto gc = g.contiguous();
   auto xc = x.contiguous();

@@ -218,13 +218,7 @@ at::Tensor lrp_relu_bwd_cuda(const at::Tensor& g, const at::Tensor& x, double ep
 
 std::tuple<at::Tensor, at::Tensor> lrp_relu_bwd_bwd_cuda(const at::Tensor& gg, const at::Tensor& g,
                                                         const at::Tensor& x, double eps) {
-  check_bwd_args(g, x, eps);
-  TORCH_CHECK(gg.sizes() == g.sizes(), "fisnet.lrp_relu_bwd_bwd: gg has shape ", gg.sizes(),
-              " but g has shape ", g.sizes(), "; they must be equal");
-  TORCH_CHECK(gg.scalar_type() == g.scalar_type(), "fisnet.lrp_relu_bwd_bwd: gg is ", gg.scalar_type(),
-              " but g is ", g.scalar_type(), "; pass tensors of one dtype");
-  TORCH_CHECK(gg.device() == g.device(), "fisnet.lrp_relu_bwd_bwd: gg is on ", gg.device(), " but g is on ",
-              g.device());
+  check_bwd_bwd_args(gg, g, x, eps);
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   auto ggc = gg.contiguous();

@@ -24,6 +24,8 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from ._init import kaiming_init
+
 __all__ = ["SmallCNN", "small_cnn"]
 
 
@@ -53,14 +55,7 @@ class SmallCNN(nn.Module):
                                     *_conv(4 * w, 4 * w, batchnorm))
         self.pool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(4 * w, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(x)))

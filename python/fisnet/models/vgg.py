@@ -25,6 +25,8 @@ from typing import List, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ._init import kaiming_init
+
 __all__ = ["VGG", "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "CFGS"]
 
 CFGS = {
@@ -69,17 +71,7 @@ class VGG(nn.Module):
         )
         self.lds_layers = tuple(f"features.{i}" for i, m in enumerate(features)
                                 if isinstance(m, nn.MaxPool2d))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.constant_(m.bias, 0)
+        kaiming_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
