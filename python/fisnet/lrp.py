@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 import fisnet_ext
 
+from .convfn import _FUNCS as TRACED_CONV_FUNCS, traced_conv
 from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, zb_relevance
 from .zplus import LayerRecord, ZPlusTap
 
@@ -150,7 +151,10 @@ class _Interceptor(TorchFunctionMode):
             raise UnsupportedActivationError(
                 f"the model's forward calls {UNSUPPORTED_FUNCS[func]}: LRP-Flex (and so fisnet) supports ReLU "
                 f"networks only; replace it with F.relu / nn.ReLU, or return logits rather than probabilities.")
-        out = func(*args, **kwargs)
+        if func in TRACED_CONV_FUNCS:
+            out = traced_conv(func, args, kwargs, (self.switch, self.zswitch))
+        else:
+            out = func(*args, **kwargs)
         if self.zswitch is not None:
             out = self._tap(func, args, kwargs, out)
         if self.recording:

@@ -40,9 +40,29 @@ class LinearLayer:
         """Wᵀ s: the input-gradient of the layer with `weight`, applied to `s`."""
         if self.kind == "linear":
             return s.matmul(weight)
-        fn = {"conv1d": torch.nn.grad.conv1d_input, "conv2d": torch.nn.grad.conv2d_input,
-              "conv3d": torch.nn.grad.conv3d_input}[self.kind]
-        return fn(list(input_shape), weight, s, self.stride, self.padding, self.dilation, self.groups)
+        return conv_input_grad(s, weight, input_shape, self.stride, self.padding, self.dilation, self.groups)
+
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def conv_input_grad(g: torch.Tensor, weight: torch.Tensor, input_shape, stride, padding, dilation,
+                    groups: int) -> torch.Tensor:
+    """The input-gradient of a convolution (zero padding, int paddings) applied to `g`: a
+    transposed convolution, with the output padding that restores `input_shape`.
+
+    Written as `F.conv_transpose*d` rather than `torch.nn.grad.conv*d_input` (that is,
+    `aten.convolution_backward`) on purpose: differentiated again (create_graph=True, the ISNet
+    training step) a transposed convolution backpropagates with the ordinary convolution
+    kernels, whereas `convolution_backward`'s own derivative (`_convolution_double_backward`)
+    measured 1.5-6x slower on CPU for the layers of a small CNN (bench notes in docs/status.md)."""
+    nd = weight.dim() - 2
+    k = weight.shape[2:]
+    out_sp = g.shape[-nd:]
+    in_sp = tuple(input_shape)[-nd:]
+    out_pad = tuple(int(i) - ((int(o) - 1) * s - 2 * p + d * (int(kk) - 1) + 1)
+                    for i, o, s, p, d, kk in zip(in_sp, out_sp, stride, padding, dilation, k))
+    return _CONV_T[nd](g, weight, None, tuple(stride), tuple(padding), out_pad, groups, tuple(dilation))
 
 
 def fold_batchnorm(layer: LinearLayer, mean, var, gamma, beta, bn_eps: float) -> LinearLayer:

@@ -1,0 +1,123 @@
+"""TracedConv: the trace's convolution, whose heatmap backward is a transposed convolution."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fisnet
+import fisnet_ext
+from fisnet import convfn, lrp
+from fisnet.rules import conv_input_grad
+
+CASES = [  # (nd, in, out, kernel, stride, padding, dilation, groups, size)
+    (2, 3, 4, 3, 1, 1, 1, 1, 7),
+    (2, 4, 6, 3, 2, 1, 1, 2, 8),   # stride 2, even size: output padding needed
+    (2, 4, 4, 3, 2, 0, 2, 4, 9),   # dilation, depthwise
+    (1, 3, 5, 4, 3, 2, 1, 1, 11),
+    (3, 2, 3, 3, 2, 1, 1, 1, 5),
+]
+
+
+def _conv(nd):
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_input_grad_equals_autograd(case, seed):
+    nd, cin, cout, k, s, p, d, g, n = case
+    x = torch.randn((2, cin) + (n,) * nd, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((cout, cin // g) + (k,) * nd, dtype=torch.float64)
+    y = _conv(nd)(x, w, None, s, p, d, g)
+    go = torch.randn_like(y)
+    (ref,) = torch.autograd.grad(y, x, go)
+    got = conv_input_grad(go, w, x.shape, (s,) * nd, (p,) * nd, (d,) * nd, g)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("heatmap", [False, True])
+def test_traced_conv_gradcheck(case, heatmap, seed):
+    nd, cin, cout, k, s, p, d, g, n = case
+    x = torch.randn((2, cin) + (n,) * nd, dtype=torch.float64, requires_grad=True)
+    w = torch.randn((cout, cin // g) + (k,) * nd, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, requires_grad=True)
+    sw = fisnet_ext.HeatmapSwitch()
+    conf = ((s,) * nd, (p,) * nd, (d,) * nd, g)
+
+    def f(x, w, b):
+        return convfn.TracedConv.apply(x, w, b, *conf, (sw, None))
+
+    torch.testing.assert_close(f(x, w, b), _conv(nd)(x, w, b, s, p, d, g))
+    if heatmap:  # heatmap mode: only the input-gradient, but that one twice differentiable in w
+        with sw:
+            y = f(x, w, b)
+            go = torch.randn_like(y, requires_grad=True)
+            (gx,) = torch.autograd.grad(y, x, go, create_graph=True)
+            assert torch.autograd.grad(y, [w, b], go, allow_unused=True) == (None, None)
+        y2 = _conv(nd)(x, w, b, s, p, d, g)
+        (gx_ref,) = torch.autograd.grad(y2, x, go, create_graph=True)
+        torch.testing.assert_close(gx, gx_ref)
+        h = torch.randn_like(gx)
+        got = torch.autograd.grad((gx * h).sum(), [w, go])
+        ref = torch.autograd.grad((gx_ref * h).sum(), [w, go])
+        for a, r in zip(got, ref):
+            torch.testing.assert_close(a, r)
+    else:
+        assert torch.autograd.gradcheck(f, (x, w, b))
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(inplace=True),
+                         nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
+
+
+@pytest.mark.parametrize("variant", ["selective", "dual", "original"])
+@pytest.mark.parametrize("dual_batched", [False, True])
+def test_isnet_step_equals_untraced_convs(variant, dual_batched, seed, monkeypatch):
+    """Maps and the training gradient of the maps with TracedConv equal those with PyTorch's own
+    convolution backward (the wrapper switched off)."""
+    if variant != "dual" and dual_batched:
+        pytest.skip("dual_batched only concerns the dual variant")
+    x = torch.rand(4, 3, 10, 10, dtype=torch.float64)
+    masks = torch.zeros(4, 1, 10, 10, dtype=torch.float64)
+    masks[..., 2:8, 2:8] = 1
+    y = torch.tensor([0, 1, 2, 3])
+    results = []
+    for wrapped in (True, False):
+        if not wrapped:
+            monkeypatch.setattr(lrp, "TRACED_CONV_FUNCS", {})
+        torch.manual_seed(1)
+        model = _model()
+        net = fisnet.ISNet(model, variant, dual_batched=dual_batched)
+        out = net(x, y)
+        hm = out.heatmaps
+        loss = (hm * (1 - masks.unsqueeze(1))).abs().sum() + F.cross_entropy(out.logits, y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((hm.detach(), grads))
+    (hm_a, g_a), (hm_b, g_b) = results
+    torch.testing.assert_close(hm_a, hm_b)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b)
+
+
+def test_wrapper_is_used_and_left_for_string_padding(seed):
+    calls = []
+    orig = convfn.TracedConv.apply
+
+    def spy(*a):
+        calls.append(a[1].shape)
+        return orig(*a)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x = torch.rand(2, 3, 6, 6)
+    try:
+        convfn.TracedConv.apply = spy
+        maps = fisnet.explain(model, x, zb=False)
+    finally:
+        convfn.TracedConv.apply = orig
+    assert calls == [torch.Size([4, 4, 3, 3])]  # the "same"-padded conv is left to PyTorch
+    assert maps.shape == (2, 1, 3, 6, 6) and torch.isfinite(maps).all()
