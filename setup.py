@@ -25,8 +25,9 @@ if want_cuda and torch.version.cuda is None:
     want_cuda = False
 
 # -fno-trapping-math lets gcc if-convert and vectorise the branch-free kernels (torch never
-# enables FP traps); measured 20x faster heatmap backward on CPU.
-cxx_flags = ["-O3", "-std=c++17", "-fno-trapping-math"]
+# enables FP traps); measured 20x faster heatmap backward on CPU.  -fopenmp-simd honours the
+# `omp simd` reductions of the BatchNorm kernels (vectorised sums) without linking OpenMP.
+cxx_flags = ["-O3", "-std=c++17", "-fno-trapping-math", "-fopenmp-simd"]
 if want_cuda:
     ext = CUDAExtension(
         "fisnet_ext._C",

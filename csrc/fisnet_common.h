@@ -56,4 +56,24 @@ inline void check_zplus_args(const char* op, double eps,
   TORCH_CHECK(eps >= 0.0, "fisnet.", op, ": eps must be >= 0, got ", eps);
 }
 
+// bn ops: x (N, C, *) floating; g x's shape with optional leading slot dims; weight (C,); one
+// dtype and device; eps >= 0.
+inline void check_bn_args(const char* op, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                          double eps) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "fisnet.", op, ": x must have shape (N, C, ...), got ", x.sizes());
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type(), "fisnet.", op,
+              ": g is ", g.scalar_type(), ", x is ", x.scalar_type(), ", weight is ", w.scalar_type(),
+              "; pass tensors of one dtype");
+  TORCH_CHECK(g.device() == x.device() && w.device() == x.device(), "fisnet.", op, ": g is on ", g.device(),
+              ", x on ", x.device(), ", weight on ", w.device(), "; pass tensors on one device");
+  TORCH_CHECK(eps >= 0.0, "fisnet.", op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1), "fisnet.", op, ": weight must have shape (C,) = (",
+              x.size(1), ",), got ", w.sizes());
+  auto gs = g.sizes();
+  auto xs = x.sizes();
+  TORCH_CHECK(gs.size() >= xs.size() && gs.slice(gs.size() - xs.size()) == xs, "fisnet.", op, ": g has shape ",
+              gs, ", x has shape ", xs, "; g must have x's shape, optionally with leading slot dimensions");
+}
+
 }  // namespace fisnet

@@ -15,6 +15,11 @@ TORCH_LIBRARY(fisnet, m) {
   m.def("zplus_ratio(Tensor g, Tensor num, Tensor zp, float eps) -> Tensor");
   // Its derivative contracted with gs: (d/dg, d/dnum, d/dzp); 0 where zp + eps == 0.
   m.def("zplus_ratio_bwd(Tensor gs, Tensor g, Tensor num, Tensor zp, float eps) -> (Tensor, Tensor, Tensor)");
+  // Training-mode BatchNorm input-gradient s (g - mean(g) - x̂ mean(g x̂)), statistics of x
+  // recomputed (x: (N, C, *); g: x's shape with optional leading slot dims; weight: (C,)).
+  m.def("bn_train_bwd(Tensor g, Tensor x, Tensor weight, float eps) -> Tensor");
+  // Its derivative contracted with h: (d/dg, d/dx, d/dweight), d/dx and d/dweight summed over slots.
+  m.def("bn_train_bwd_bwd(Tensor h, Tensor g, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef FISNET_WITH_CUDA

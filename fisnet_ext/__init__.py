@@ -18,10 +18,11 @@ from .ops import (
     lrp_relu_bwd_bwd,
     slot_mask,
 )
+from .bn_ops import bn_train_bwd, bn_train_bwd_bwd
 from .zplus_ops import zplus_ratio
 
 __all__ = [
     "BACKENDS", "current_backend", "use_backend", "HAVE_C", "HAVE_TRITON", "WITH_CUDA",
     "HeatmapSwitch", "LRPReLU", "family", "lrp_relu", "lrp_relu_", "lrp_relu_bwd", "lrp_relu_bwd_bwd", "slot_mask",
-    "zplus_ratio",
+    "zplus_ratio", "bn_train_bwd", "bn_train_bwd_bwd",
 ]

@@ -48,12 +48,17 @@ except ImportError as exc:  # extension not built: define the schemas here, refe
     _fallback_lib.define("zplus_ratio(Tensor g, Tensor num, Tensor zp, float eps) -> Tensor")
     _fallback_lib.define(
         "zplus_ratio_bwd(Tensor gs, Tensor g, Tensor num, Tensor zp, float eps) -> (Tensor, Tensor, Tensor)")
+    _fallback_lib.define("bn_train_bwd(Tensor g, Tensor x, Tensor weight, float eps) -> Tensor")
+    _fallback_lib.define(
+        "bn_train_bwd_bwd(Tensor h, Tensor g, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)")
     for _key in ("CPU", "CUDA"):
         _fallback_lib.impl("lrp_relu_fwd", reference.lrp_relu_fwd, _key)
         _fallback_lib.impl("lrp_relu_bwd", reference.lrp_relu_bwd, _key)
         _fallback_lib.impl("lrp_relu_bwd_bwd", reference.lrp_relu_bwd_bwd, _key)
         _fallback_lib.impl("zplus_ratio", reference.zplus_ratio, _key)
         _fallback_lib.impl("zplus_ratio_bwd", reference.zplus_ratio_bwd, _key)
+        _fallback_lib.impl("bn_train_bwd", reference.bn_train_bwd, _key)
+        _fallback_lib.impl("bn_train_bwd_bwd", reference.bn_train_bwd_bwd, _key)
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 

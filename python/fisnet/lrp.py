@@ -26,9 +26,11 @@ from torch.overrides import TorchFunctionMode
 
 import fisnet_ext
 
-from .convfn import _FUNCS as TRACED_CONV_FUNCS, traced_conv
 from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, zb_relevance
+from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
 from .zplus import LayerRecord, ZPlusTap
+
+TRACED_BATCH_NORM = True  # tests switch it off to compare with PyTorch's own BatchNorm backward
 
 
 class UnsupportedActivationError(TypeError):
@@ -153,6 +155,8 @@ class _Interceptor(TorchFunctionMode):
                 f"networks only; replace it with F.relu / nn.ReLU, or return logits rather than probabilities.")
         if func in TRACED_CONV_FUNCS:
             out = traced_conv(func, args, kwargs, (self.switch, self.zswitch))
+        elif func is F.batch_norm and TRACED_BATCH_NORM:
+            out = traced_batch_norm(args, kwargs, (self.switch, self.zswitch), self.backend)
         else:
             out = func(*args, **kwargs)
         if self.zswitch is not None:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import fisnet
 import fisnet_ext
-from fisnet import convfn, lrp
+from fisnet import lrp
+from fisnet import traced as convfn
 from fisnet.rules import conv_input_grad
 
 CASES = [  # (nd, in, out, kernel, stride, padding, dilation, groups, size)
@@ -70,15 +71,17 @@ def test_traced_conv_gradcheck(case, heatmap, seed):
 def _model():
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
                          nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(inplace=True),
-                         nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
+                         nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6, affine=False),
+                         nn.ReLU(), nn.Linear(6, 4)).double()
 
 
 @pytest.mark.parametrize("variant", ["selective", "dual", "original"])
 @pytest.mark.parametrize("dual_batched", [False, True])
-def test_isnet_step_equals_untraced_convs(variant, dual_batched, seed, monkeypatch):
-    """Maps and the training gradient of the maps with TracedConv equal those with PyTorch's own
-    convolution backward (the wrapper switched off)."""
+@pytest.mark.parametrize("which", ["conv", "bn", "both"])
+def test_isnet_step_equals_untraced(variant, dual_batched, which, seed, monkeypatch):
+    """Maps and the training gradient of the maps with TracedConv / TracedBatchNorm equal those
+    with PyTorch's own convolution and BatchNorm backward (the wrappers switched off)."""
     if variant != "dual" and dual_batched:
         pytest.skip("dual_batched only concerns the dual variant")
     x = torch.rand(4, 3, 10, 10, dtype=torch.float64)
@@ -87,8 +90,10 @@ def test_isnet_step_equals_untraced_convs(variant, dual_batched, seed, monkeypat
     y = torch.tensor([0, 1, 2, 3])
     results = []
     for wrapped in (True, False):
-        if not wrapped:
+        if not wrapped and which in ("conv", "both"):
             monkeypatch.setattr(lrp, "TRACED_CONV_FUNCS", {})
+        if not wrapped and which in ("bn", "both"):
+            monkeypatch.setattr(lrp, "TRACED_BATCH_NORM", False)
         torch.manual_seed(1)
         model = _model()
         net = fisnet.ISNet(model, variant, dual_batched=dual_batched)
@@ -121,3 +126,33 @@ def test_wrapper_is_used_and_left_for_string_padding(seed):
         convfn.TracedConv.apply = orig
     assert calls == [torch.Size([4, 4, 3, 3])]  # the "same"-padded conv is left to PyTorch
     assert maps.shape == (2, 1, 3, 6, 6) and torch.isfinite(maps).all()
+
+
+def test_traced_batch_norm_matches_pytorch(seed):
+    """Forward output, running statistics and ordinary gradients of TracedBatchNorm equal
+    F.batch_norm's; the heatmap-mode input-gradient equals PyTorch's, twice differentiable."""
+    sw = fisnet_ext.HeatmapSwitch()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm1, rv1 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    y1 = convfn.traced_batch_norm((x, rm1, rv1, w, b, True, 0.1, 1e-5), {}, (sw,))
+    y2 = F.batch_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5)
+    assert y1.grad_fn is not None and "TracedBatchNorm" in type(y1.grad_fn).__name__
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close((rm1, rv1), (rm2, rv2))
+    go = torch.randn_like(y1, requires_grad=True)
+    torch.testing.assert_close(torch.autograd.grad(y1, [x, w, b], go, retain_graph=True),
+                               torch.autograd.grad(y2, [x, w, b], go, retain_graph=True))
+    with sw:
+        (gx1,) = torch.autograd.grad(y1, x, go, create_graph=True)
+        assert torch.autograd.grad(y1, [w, b], go, allow_unused=True, retain_graph=True) == (None, None)
+    (gx2,) = torch.autograd.grad(y2, x, go, create_graph=True)
+    torch.testing.assert_close(gx1, gx2)
+    h = torch.randn_like(gx1)
+    torch.testing.assert_close(torch.autograd.grad((gx1 * h).sum(), [x, w, go]),
+                               torch.autograd.grad((gx2 * h).sum(), [x, w, go]))
+    # eval mode (running statistics) is left to PyTorch
+    y3 = convfn.traced_batch_norm((x, rm1, rv1, w, b, False, 0.1, 1e-5), {}, (sw,))
+    assert "TracedBatchNorm" not in type(y3.grad_fn).__name__

@@ -1,4 +1,5 @@
-"""Convolutions of a traced forward pass, with a backward that is cheap to differentiate again.
+"""Convolutions and BatchNorms of a traced forward pass, with backwards that are cheap to
+differentiate again.
 
 An ISNet training step differentiates the heatmap backward once more (create_graph=True).  For
 a convolution, PyTorch's backward is `aten.convolution_backward`, whose own derivative
@@ -18,6 +19,15 @@ activations, never at weights), and that is a transposed convolution with the sa
 
 Not wrapped (left to PyTorch): string paddings, autocast regions, and calls whose weight is
 not a tensor.
+
+`TracedBatchNorm` is the same idea for a BatchNorm that normalises with batch statistics
+(training mode): forward `torch.native_batch_norm` (output and running-statistics update as
+`F.batch_norm`); heatmap backward the fused `fisnet_ext.bn_train_bwd` op, whose derivative is the
+fused `bn_train_bwd_bwd` (two passes over the data instead of PyTorch's
+`batchnorm_double_backward`, some thirty kernels; docs/status.md); ordinary backward
+`aten.native_batch_norm_backward`, PyTorch's own.  Eval-mode BatchNorm (running statistics) is
+an affine map whose double backward is already cheap: left to PyTorch, as are autocast regions,
+weights of another dtype than the input, and a momentum of None.
 """
 from __future__ import annotations
 
@@ -26,9 +36,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from fisnet_ext.bn_ops import bn_family
+
 from .rules import conv_input_grad
 
-__all__ = ["TracedConv", "traced_conv"]
+__all__ = ["TracedConv", "traced_conv", "TracedBatchNorm", "traced_batch_norm"]
 
 _FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
@@ -53,7 +65,7 @@ class TracedConv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         none = (None,) * 5
-        if any(s is not None and s.active for s in ctx.switches):
+        if _heatmap_mode(ctx.switches):
             gx = conv_input_grad(g, w, x.shape, stride, padding, dilation, groups) if ctx.needs_input_grad[0] \
                 else None
             return (gx, None, None) + none
@@ -80,3 +92,54 @@ def traced_conv(func, args, kwargs, switches: Sequence) -> torch.Tensor:
         return func(*args, **kwargs)
     return TracedConv.apply(x, w, vals.get("bias"), _tup(vals.get("stride", 1), nd), _tup(padding, nd),
                             _tup(vals.get("dilation", 1), nd), int(vals.get("groups", 1) or 1), tuple(switches))
+
+
+def _heatmap_mode(switches) -> bool:
+    return any(s is not None and s.active for s in switches)
+
+
+class TracedBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, switches, fam):
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps, ctx.switches, ctx.fam = eps, switches, fam
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, mean, invstd = ctx.saved_tensors
+        none = (None,) * 6
+        if _heatmap_mode(ctx.switches):
+            if not ctx.needs_input_grad[0]:
+                return (None, None, None) + none
+            w1 = w if w is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            return (ctx.fam.bwd(g, x, w1, ctx.eps), None, None) + none
+        mask = [ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, ctx.eps, mask)
+        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + none
+
+
+_BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def traced_batch_norm(args, kwargs, switches: Sequence, backend=None) -> torch.Tensor:
+    """Call F.batch_norm(*args, **kwargs) as `TracedBatchNorm` when it normalises with batch
+    statistics, plainly otherwise (see the module docstring)."""
+    vals = dict(zip(_BN_NAMES, args))
+    vals.update(kwargs)
+    x, w, b = vals.get("input"), vals.get("weight"), vals.get("bias")
+    rm, rv = vals.get("running_mean"), vals.get("running_var")
+    training = bool(vals.get("training", False))
+    momentum, eps = vals.get("momentum", 0.1), vals.get("eps", 1e-5)
+    batch_stats = training or rm is None or rv is None
+    if (not batch_stats or not isinstance(x, torch.Tensor) or x.dim() < 2 or momentum is None
+            or x.numel() <= x.shape[1]  # one value per channel: F.batch_norm raises its own error
+            or any(t is not None and (not isinstance(t, torch.Tensor) or t.dtype != x.dtype) for t in (w, b))
+            or torch.is_autocast_enabled(x.device.type)):
+        return F.batch_norm(*args, **kwargs)
+    fam = bn_family(x.device, backend)
+    return TracedBatchNorm.apply(x, w, b, rm if training else None, rv if training else None, float(momentum),
+                                 float(eps), tuple(switches), fam)
