@@ -156,3 +156,28 @@ def test_traced_batch_norm_matches_pytorch(seed):
     # eval mode (running statistics) is left to PyTorch
     y3 = convfn.traced_batch_norm((x, rm1, rv1, w, b, False, 0.1, 1e-5), {}, (sw,))
     assert "TracedBatchNorm" not in type(y3.grad_fn).__name__
+
+
+def test_chunked_seeds_equal_one_batched_pass(seed, monkeypatch):
+    """On CPU the Original's seeds run in chunks (lrp.CPU_SEED_CHUNK_BYTES); maps and training
+    gradients equal one batched pass over all seeds."""
+    x = torch.rand(3, 3, 10, 10, dtype=torch.float64)
+    y = torch.tensor([0, 1, 3])
+    res = []
+    for budget in (1 << 40, 1):  # one pass; one seed per chunk
+        monkeypatch.setattr(lrp, "CPU_SEED_CHUNK_BYTES", budget)
+        torch.manual_seed(2)
+        model = _model()
+        net = fisnet.ISNet(model, "original", lds_layers=["3"])
+        out = net(x, y)
+        t = out.heatmaps
+        loss = sum((v ** 2).sum() for v in t.values()) + F.cross_entropy(out.logits, y)
+        res.append(({k: v.detach() for k, v in t.items()}, torch.autograd.grad(loss, list(model.parameters()))))
+    (m1, g1), (m2, g2) = res
+    assert m1["input"].shape == (3, 4, 3, 10, 10)
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    trace_ = lrp.trace(_model(), x)
+    assert trace_.seed_chunk(4) == 1 and trace_.act_bytes > 0  # budget 1 still patched: one seed per chunk

@@ -6,6 +6,7 @@ the fused kernels of `fisnet_ext`.
 """
 from .lrp import LRPTrace, UnsupportedActivationError, explain, trace
 from .loss import ISNetLoss, NonFiniteHeatmapError, gwrp, heatmap_loss, heatmap_loss_parts, resize_masks
+from .perf import tune_cpu_malloc
 from .variants import VARIANTS, ISNet, ISNetOutput
 from .cuts import estimate_cuts, load_cuts, save_cuts, tune_cuts
 
@@ -14,4 +15,5 @@ __all__ = [
     "explain", "trace", "LRPTrace", "UnsupportedActivationError",
     "ISNet", "ISNetOutput", "VARIANTS", "tune_cuts", "estimate_cuts", "save_cuts", "load_cuts",
     "ISNetLoss", "heatmap_loss", "heatmap_loss_parts", "gwrp", "resize_masks", "NonFiniteHeatmapError",
+    "tune_cpu_malloc",
 ]

@@ -33,7 +33,7 @@ __all__ = ["main", "run", "VARIANTS"]
 
 VARIANTS = ("plain", "original", "original_loop", "selective", "stochastic", "dual", "dual_slots")
 COLUMNS = ["variant", "classes", "ms_median", "ratio_to_plain", "repeats", "batch", "image", "model",
-           "device", "torch", "python"]
+           "device", "torch", "python", "malloc_tuning"]
 
 
 def device_name(device: str) -> str:
@@ -194,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="results folder (default bench/results next to this checkout, "
                                                 "else ./bench-results)")
     a = ap.parse_args(argv)
+    from .perf import tune_cpu_malloc
+    tuned = tune_cpu_malloc()  # as the fisnet commands do; FISNET_MALLOC_TUNING=0 measures without
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.quick:
         classes = [2, 10, 100]
@@ -218,11 +220,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(out, exist_ok=True)
     name = device_name(device)
     print(f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; batch {batch}, "
-          f"{3}x{a.size}x{a.size}, small_cnn(width={a.width}, BatchNorm)", flush=True)
+          f"{3}x{a.size}x{a.size}, small_cnn(width={a.width}, BatchNorm); malloc tuning {'on' if tuned else 'off'}",
+          flush=True)
     rows = run(classes, variants, batch=batch, size=a.size, width=a.width, repeats=repeats, device=device,
                max_original=max_original, max_loop=max_loop)
     meta = {"batch": batch, "image": f"3x{a.size}x{a.size}", "model": f"small_cnn(width={a.width}, bn)",
-            "device": name, "torch": torch.__version__, "python": platform.python_version()}
+            "device": name, "torch": torch.__version__, "python": platform.python_version(),
+            "malloc_tuning": tuned}
     tag = _slug(name) + ("-quick" if a.quick else "")
     csv_path = os.path.join(out, f"scaling-{tag}.csv")
     with open(csv_path, "w", newline="") as f:

@@ -478,6 +478,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "command", None):
         ap.print_help()
         return 0
+    from .perf import tune_cpu_malloc
+    tune_cpu_malloc()  # keep freed heap for reuse (docs/status.md); FISNET_MALLOC_TUNING=0 opts out
     return int(args.func(args) or 0)
 
 

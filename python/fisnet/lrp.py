@@ -30,6 +30,12 @@ from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, zb_relevan
 from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
 from .zplus import LayerRecord, ZPlusTap
 
+# On CPU a batched backward over many seeds runs in chunks of seeds whose largest activation
+# (chunk x batch x bytes per image) stays under this many bytes.  K = 100, batch 32, small_cnn:
+# unchunked (200 MB tensors) 1.8x slower than a per-class loop, 64 MB chunks 1.2x slower, 20 MB
+# chunks 0.9x (docs/status.md).
+CPU_SEED_CHUNK_BYTES = 20 << 20
+
 TRACED_BATCH_NORM = True  # tests switch it off to compare with PyTorch's own BatchNorm backward
 
 
@@ -131,6 +137,7 @@ class _Interceptor(TorchFunctionMode):
         self.first: Optional[_FirstLayer] = None
         self.relu0_output: Optional[torch.Tensor] = None
         self.n_relu = 0
+        self.act_bytes = 0  # the largest ReLU output per image, in bytes (sizes the seed chunks)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -143,6 +150,8 @@ class _Interceptor(TorchFunctionMode):
             else:
                 y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
             self.n_relu += 1
+            if y.dim() > 0 and y.shape[0] > 0:
+                self.act_bytes = max(self.act_bytes, y.numel() // y.shape[0] * y.element_size())
             if self.recording and self.first is not None:
                 src = self.first.bn_output if self.first.bn_output is not None else self.first.output
                 if x is src:
@@ -208,6 +217,17 @@ class LRPTrace:
     relu0_output: Optional[torch.Tensor] = None
     x_leaf: Optional[torch.Tensor] = None
     zswitch: Optional[fisnet_ext.HeatmapSwitch] = None
+    act_bytes: int = 0
+
+    def seed_chunk(self, M: int) -> Optional[int]:
+        """How many of M seeds one batched backward takes at a time: all on GPUs; on CPU as many
+        as keep the largest activation of a chunk (chunk x batch x per-image bytes) within
+        CPU_SEED_CHUNK_BYTES (cache and allocator friendly: measured in docs/status.md)."""
+        if self.x.device.type != "cpu" or not self.act_bytes:
+            return None
+        per_seed = self.x.shape[0] * self.act_bytes
+        chunk = max(1, CPU_SEED_CHUNK_BYTES // per_seed)
+        return None if chunk >= M else int(chunk)
 
     def relevance_zplus(self, create_graph: bool = False, retain_graph: Optional[bool] = None):
         """The LRP-z⁺ map of the summed positive-weight logits (trace with zplus=True); (B, 1, ...)."""
@@ -276,6 +296,15 @@ class LRPTrace:
                                             allow_unused=True)
                 grads = [None if g is None else g.unsqueeze(1) for g in grads]
             else:
+                chunk = self.seed_chunk(M)
+                if chunk is not None:  # chunks of seeds, each to its maps (Zb included), then joined
+                    eye = torch.eye(M, dtype=q.dtype, device=q.device)
+                    parts = []
+                    for c0 in range(0, M, chunk):
+                        seeds = eye[c0:c0 + chunk].unsqueeze(1).expand(-1, B, M)
+                        g = [g.transpose(0, 1) for g in _batched_grad(q, wrt, create_graph, seeds)]
+                        parts.append(self._finish(names, wrt, g, B, seeds.shape[0]))
+                    return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
                 grads = [g.transpose(0, 1) for g in _batched_grad(q, wrt, create_graph)]
         return self._finish(names, wrt, grads, B, M)
 
@@ -409,7 +438,7 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
                              "bounded pixels: name the right layer with zb_layer=... or pass zb=False")
     return LRPTrace(logits=logits, x=x, switch=switch, eps=eps, zb=zb, bounds=bounds, layer_outputs=outputs,
                     first=mode.first if zb else None, relu0_output=mode.relu0_output, x_leaf=x_leaf,
-                    zswitch=zswitch)
+                    zswitch=zswitch, act_bytes=mode.act_bytes)
 
 
 def select_logits(logits: torch.Tensor, target) -> torch.Tensor:
