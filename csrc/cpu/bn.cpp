@@ -13,7 +13,7 @@
 // each output as an affine combination of the inputs with per-(slot, channel) coefficients.
 // Sums are taken about a pivot p = x[0, c, 0] (no cancellation in E[x²] - E[x]² when the mean is
 // large), row by row in the op-math type with `omp simd` reductions, rows added in double.
-// Channels run in parallel.
+// Channels run in parallel.  On x86-64 with gcc the per-channel loops also get an AVX2+FMA clone.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -54,11 +54,13 @@ inline Stats stats(double sx, double sxx, double p, double n, double eps) {
 }
 
 // ---- bn_train_bwd -------------------------------------------------------------------------
+// Channels [c0, c1); a function of its own (not the parallel_for lambda) so that it is multiversioned.
 template <typename scalar_t>
-void bwd_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* out, Geometry d, double eps) {
+FISNET_MULTIVERSION void bwd_channels(const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* out,
+                                      Geometry d, double eps, int64_t c0, int64_t c1) {
   using acc_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(d.N * d.L);
-  at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+  {
     for (int64_t c = c0; c < c1; ++c) {
       const acc_t p = static_cast<acc_t>(x[c * d.L]);
       for (int64_t s = 0; s < d.S; ++s) {
@@ -97,16 +99,22 @@ void bwd_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_
         }
       }
     }
-  });
+  }
+}
+
+template <typename scalar_t>
+void bwd_kernel(const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* out, Geometry d, double eps) {
+  at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) { bwd_channels<scalar_t>(g, x, w, out, d, eps, c0, c1); });
 }
 
 // ---- bn_train_bwd_bwd ---------------------------------------------------------------------
 template <typename scalar_t>
-void bwd_bwd_kernel(const scalar_t* h, const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* dg,
-                    scalar_t* dx, scalar_t* dw, Geometry d, double eps) {
+FISNET_MULTIVERSION void bwd_bwd_channels(const scalar_t* h, const scalar_t* g, const scalar_t* x, const scalar_t* w,
+                                          scalar_t* dg, scalar_t* dx, scalar_t* dw, Geometry d, double eps,
+                                          int64_t c0, int64_t c1) {
   using acc_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(d.N * d.L);
-  at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+  {
     // per-slot coefficients of this channel: dg = a1 h + b1 x + k1;  dx += a2 h + b2 g + c2 x + k2
     std::vector<acc_t> a1(d.S), b1(d.S), k1(d.S), a2(d.S), b2(d.S), c2(d.S), k2(d.S);
     for (int64_t c = c0; c < c1; ++c) {
@@ -187,6 +195,14 @@ void bwd_bwd_kernel(const scalar_t* h, const scalar_t* g, const scalar_t* x, con
         }
       }
     }
+  }
+}
+
+template <typename scalar_t>
+void bwd_bwd_kernel(const scalar_t* h, const scalar_t* g, const scalar_t* x, const scalar_t* w, scalar_t* dg,
+                    scalar_t* dx, scalar_t* dw, Geometry d, double eps) {
+  at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+    bwd_bwd_channels<scalar_t>(h, g, x, w, dg, dx, dw, d, eps, c0, c1);
   });
 }
 

@@ -31,7 +31,7 @@ constexpr int64_t kGrain = 32768;
 // lambda did not convince it that the seven streams of the backward do not alias).
 // One contiguous run of the forward.
 template <typename scalar_t, typename acc_t>
-void ratio_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ num, const scalar_t* __restrict__ zp,
+FISNET_MULTIVERSION void ratio_run(const scalar_t* __restrict__ g, const scalar_t* __restrict__ num, const scalar_t* __restrict__ zp,
                scalar_t* __restrict__ out, int64_t len, acc_t e) {
   for (int64_t k = 0; k < len; ++k) {
     acc_t gv = static_cast<acc_t>(g[k]);
@@ -57,7 +57,7 @@ void ratio_kernel(const scalar_t* g, const scalar_t* num, const scalar_t* zp, sc
 
 // One contiguous run of the backward.
 template <typename scalar_t, typename acc_t>
-void ratio_bwd_run(const scalar_t* __restrict__ gs, const scalar_t* __restrict__ g, const scalar_t* __restrict__ num,
+FISNET_MULTIVERSION void ratio_bwd_run(const scalar_t* __restrict__ gs, const scalar_t* __restrict__ g, const scalar_t* __restrict__ num,
                    const scalar_t* __restrict__ zp, scalar_t* __restrict__ dg, scalar_t* __restrict__ dnum,
                    scalar_t* __restrict__ dzp, int64_t len, acc_t e) {
   for (int64_t k = 0; k < len; ++k) {
