@@ -6,8 +6,8 @@ variant — the plain classifier, the Original ISNet (batched: all K maps in one
 Original ISNet as a per-class loop (K relevance passes, the baseline the batched one replaces),
 Selective, Stochastic and Dual — one full training step (forward, heatmaps with
 create_graph=True, loss, backward, SGD step) of the same small BatchNorm CNN on the same batch
-is timed. Timing: the median over interleaved repeats (each repeat runs every configuration
-once, so drift in clock or load hits all alike), after a warm-up step; CUDA-synchronised on GPU.
+is timed. Timing: the median over interleaved repeats (each repeat runs every configuration,
+of every K, once, so drift in clock or load hits all alike), after a warm-up step; CUDA-synchronised on GPU.
 
 Writes ``<out>/scaling-<device>.csv`` (variant, classes, ms_median, ratio_to_plain, then
 batch, image, model, device name, torch and python versions), ``<out>/scaling-<device>.png``
@@ -106,40 +106,44 @@ def run(classes: List[int], variants=VARIANTS, *, batch: int = 32, size: int = 3
     masks[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     masks = masks.to(device)
     rows: List[Dict] = []
+    # every (K, variant) configuration is built first, then each repeat runs all of them once,
+    # so drift in clock or load hits every K and variant alike (the K columns are comparable)
+    steps, times, skipped = {}, {}, {}
     for K in classes:
         y = torch.randint(0, K, (batch,), generator=g).to(device)
-        steps, times, skipped = {}, {}, []
+        skipped[K] = []
         for v in variants:
-            if v == "original" and max_original is not None and K > max_original:
-                skipped.append(v)
+            if (v == "original" and max_original is not None and K > max_original) or \
+                    (v == "original_loop" and max_loop is not None and K > max_loop):
+                skipped[K].append(v)
                 continue
-            if v == "original_loop" and max_loop is not None and K > max_loop:
-                skipped.append(v)
-                continue
-            steps[v] = _make_step(v, K, x, masks, y, width, device)
-            steps[v]()  # warm-up
+            steps[K, v] = _make_step(v, K, x, masks, y, width, device)
+            steps[K, v]()  # warm-up
             sync()
-            times[v] = []
-        for r in range(repeats):
-            for v, step in steps.items():
-                sync()
-                t0 = time.perf_counter()
-                step()
-                sync()
-                times[v].append(1e3 * (time.perf_counter() - t0))
-        plain = statistics.median(times["plain"]) if "plain" in times else float("nan")
+            times[K, v] = []
+    for r in range(repeats):
+        for key, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[key].append(1e3 * (time.perf_counter() - t0))
+        if progress:
+            print(f"repeat {r + 1}/{repeats} done", flush=True)
+    for K in classes:
+        plain = statistics.median(times[K, "plain"]) if (K, "plain") in times else float("nan")
         for v in variants:
-            if v in times:
-                ms = statistics.median(times[v])
+            if (K, v) in times:
+                ms = statistics.median(times[K, v])
                 rows.append({"variant": v, "classes": K, "ms_median": ms, "ratio_to_plain": ms / plain,
                              "repeats": repeats})
             else:
                 rows.append({"variant": v, "classes": K, "ms_median": None, "ratio_to_plain": None,
                              "repeats": 0})
         if progress:
-            print(f"K={K}: " + ", ".join(f"{v} {statistics.median(t):.1f} ms" for v, t in times.items())
-                  + (f" (skipped {', '.join(skipped)})" if skipped else ""), flush=True)
-        del steps
+            print(f"K={K}: " + ", ".join(f"{v} {statistics.median(times[K, v]):.1f} ms" for v in variants
+                                         if (K, v) in times)
+                  + (f" (skipped {', '.join(skipped[K])})" if skipped[K] else ""), flush=True)
     return rows
 
 
