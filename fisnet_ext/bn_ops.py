@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ops, reference
-from .ops import _register_vmap
+from .ops import _front, _register_vmap
 
 HAVE_TRITON = ops.HAVE_TRITON
 
@@ -107,7 +107,7 @@ def _register_family(name: str, bwd_name: str, bwd_bwd_name: str) -> BNFamily:
 
     def bwd_backward(ctx, grad):
         g, x, w = ctx.saved_tensors
-        d_g, d_x, d_w = bwd_bwd(grad.contiguous(), g, x, w, ctx.eps)
+        d_g, d_x, d_w = bwd_bwd(grad, g, x, w, ctx.eps)
         return d_g, d_x, d_w, None
 
     torch.library.register_autograd(f"fisnet::{bwd_name}", bwd_backward, setup_context=bwd_setup)
@@ -118,9 +118,6 @@ def _register_family(name: str, bwd_name: str, bwd_bwd_name: str) -> BNFamily:
         ctx.eps = eps
 
     torch.library.register_autograd(f"fisnet::{bwd_bwd_name}", _bwd_bwd_backward_torch, setup_context=bwd_bwd_setup)
-
-    def _front(t, d, n):
-        return t.unsqueeze(0).expand(n, *t.shape) if d is None else t.movedim(d, 0)
 
     @_register_vmap(f"fisnet::{bwd_name}")
     def _(info, in_dims, g, x, w, eps):
@@ -150,12 +147,7 @@ REFERENCE = BNFamily("reference", reference.bn_train_bwd, reference.bn_train_bwd
 
 def bn_family(device: torch.device, backend: Optional[str] = None) -> BNFamily:
     """The BatchNorm op family for `device` under `backend`: the choice of `fisnet_ext.ops.family`."""
-    fam = ops.family(torch.device(device), backend)
-    if fam is ops.REFERENCE:
-        return REFERENCE
-    if ops.TRITON is not None and fam is ops.TRITON:
-        return TRITON
-    return NATIVE
+    return ops.same_choice(device, backend, NATIVE, TRITON, REFERENCE)
 
 
 def _check_args(op: str, eps, **tensors) -> float:

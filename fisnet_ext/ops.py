@@ -71,6 +71,11 @@ def _register_vmap(name):
     return lambda fn: fn
 
 
+def _front(t: torch.Tensor, d: Optional[int], n: int) -> torch.Tensor:
+    """A vmap argument with its batch dim `d` moved to the front (expanded when unbatched)."""
+    return t.unsqueeze(0).expand(n, *t.shape) if d is None else t.movedim(d, 0)
+
+
 def _triton():
     from .triton import lrp_relu as tl  # imported lazily: importing triton is slow
 
@@ -179,11 +184,6 @@ def _register_family(fwd_name: str, bwd_name: str, bwd_bwd_name: str) -> Family:
     torch.library.register_autograd(f"fisnet::{bwd_bwd_name}", _bwd_bwd_backward_torch, setup_context=bwd_bwd_setup)
 
     # ---- vmap: the batched dim of g becomes a leading slot dim; x stays unbatched (no copy)
-    def _front(t, d, n):
-        if d is None:
-            return t.unsqueeze(0).expand(n, *t.shape)
-        return t.movedim(d, 0)
-
     @_register_vmap(f"fisnet::{fwd_name}")
     def _(info, in_dims, x):
         (xd,) = in_dims
@@ -248,6 +248,17 @@ def family(device: torch.device, backend: Optional[str] = None) -> Family:
             )
         return NATIVE
     raise ValueError(f"unknown fisnet backend {name!r}")
+
+
+def same_choice(device: torch.device, backend: Optional[str], native, triton, reference):
+    """Of one op group's families, the one `family(device, backend)` picks for lrp_relu (the same
+    choice and the same errors for every op group)."""
+    fam = family(torch.device(device), backend)
+    if fam is REFERENCE:
+        return reference
+    if TRITON is not None and fam is TRITON:
+        return triton
+    return native
 
 
 # --------------------------------------------------------------------------------------------

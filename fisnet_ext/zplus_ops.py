@@ -132,9 +132,7 @@ def _register_family(name: str, ratio_name: str, bwd_name: str) -> ZPlusFamily:
 
     # ---- vmap: every tensor may be batched; the unbatched ones are expanded to the batch
     def _front(info, tensors, dims):
-        n = info.batch_size
-        return [t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(n, *t.shape)
-                for t, d in zip(tensors, dims)]
+        return [ops._front(t, d, info.batch_size) for t, d in zip(tensors, dims)]
 
     @_register_vmap(f"fisnet::{ratio_name}")
     def _(info, in_dims, g, num, zp, eps):
@@ -157,12 +155,7 @@ REFERENCE = ZPlusFamily("reference", reference.zplus_ratio, reference.zplus_rati
 def zplus_family(device: torch.device, backend: Optional[str] = None) -> ZPlusFamily:
     """The z⁺ ratio op family that runs on `device` under `backend` (default: the current
     backend); the same choice, and the same errors, as `fisnet_ext.ops.family`."""
-    fam = ops.family(torch.device(device), backend)
-    if fam is ops.REFERENCE:
-        return REFERENCE
-    if ops.TRITON is not None and fam is ops.TRITON:
-        return TRITON
-    return NATIVE
+    return ops.same_choice(device, backend, NATIVE, TRITON, REFERENCE)
 
 
 def _check_args(op: str, eps, **tensors) -> float:

@@ -173,6 +173,7 @@ FISNET_MULTIVERSION void bwd_bwd_channels(const scalar_t* h, const scalar_t* g, 
           const scalar_t* __restrict__ hr = h + off;
           scalar_t* __restrict__ dgr = dg + off;
           const acc_t A1 = a1[s], B1 = b1[s], K1 = k1[s], A2 = a2[s], B2 = b2[s], C2 = c2[s], K2 = k2[s];
+          // the first slot writes dx, the others add to it (two plain loops, each vectorised)
           if (s == 0) {
 #pragma omp simd
             for (int64_t k = 0; k < d.L; ++k) {

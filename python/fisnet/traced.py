@@ -43,6 +43,7 @@ from .rules import conv_input_grad
 __all__ = ["TracedConv", "traced_conv", "TracedBatchNorm", "traced_batch_norm"]
 
 _FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_OF_ND = {nd: f for f, nd in _FUNCS.items()}
 
 
 def _tup(v, nd: int) -> tuple:
@@ -52,13 +53,11 @@ def _tup(v, nd: int) -> tuple:
 class TracedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, switches):
-        nd = weight.dim() - 2
         ctx.save_for_backward(x, weight)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.switches = switches
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-        return conv(x, weight, bias, stride, padding, dilation, groups)
+        return _CONV_OF_ND[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, g):
