@@ -36,13 +36,13 @@ taken (frees of blocks allocated before the step are ignored).  This counts the 
 CUDA figure — bytes of live tensor storage — and does not depend on malloc's caching, the
 resident set of the process or other processes, unlike RSS-based figures.  ``--no-memory`` skips it.
 
-Writes ``<out>/scaling-<device>[-<setting>].csv`` (variant, classes, ms_median, ratio_to_plain,
-peak_mb, peak_ratio_to_plain, then the settings and versions) and a PNG of the K sweep, and
-prints a table.  ``<out>`` defaults to a new folder under the system temp directory, so a run
-never overwrites committed results; ``--out bench/results`` writes there (an existing file is
-replaced only with ``--overwrite``).  Configurations too large for the run (``--max-original``,
-``--max-loop``) are skipped; a configuration that fails (say, out of memory) is reported with its
-error and the others still run (exit status 1).
+Writes ``<out>/scaling-<device>[-<setting>][-<model>][-<autocast>][-<tag>].csv`` (variant,
+classes, ms_median, ratio_to_plain, peak_mb, peak_ratio_to_plain, then the settings and versions)
+and a PNG of the K sweep, and prints a table.  ``<out>`` defaults to a new folder under the
+system temp directory, so a run never overwrites committed results; ``--out bench/results``
+writes there (an existing file is replaced only with ``--overwrite``).  Configurations too large
+for the run (``--max-original``, ``--max-loop``) are skipped; a configuration that fails (say, out
+of memory) is reported with its error and the others still run (exit status 1).
 """
 from __future__ import annotations
 
@@ -365,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="results folder (default: a new folder under the temp directory; "
                                                 "pass bench/results to keep the CSVs with the repository)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    ap.add_argument("--tag", default="", help="extra word in the result file names")
     a = ap.parse_args(argv)
     from .perf import tune_cpu_malloc
     tuned = tune_cpu_malloc()  # as the fisnet commands do; FISNET_MALLOC_TUNING=0 measures without
@@ -428,7 +429,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = device_name(device)
     status = 0
     for r in runs:
-        tag = _slug(name) + ("-" + r["tag"] if r["tag"] else "") + ("-" + a.autocast if autocast else "")
+        words = [_slug(name), r["tag"], "" if r["model"] == "small_cnn" else r["model"],
+                 a.autocast if autocast else "", _slug(a.tag) if a.tag else ""]
+        tag = "-".join(w for w in words if w)
         csv_path = os.path.join(out, f"scaling-{tag}.csv")
         if os.path.exists(csv_path) and not a.overwrite:
             print(f"error: {csv_path} exists; pass --overwrite to replace it or choose another --out",
