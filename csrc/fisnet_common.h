@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <utility>
 
@@ -21,30 +22,57 @@ inline void check_float(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-// g must have x's shape, or x's shape with extra leading (slot) dimensions.
-inline void check_bwd_args(const at::Tensor& g, const at::Tensor& x, double eps) {
+// Element-wise op groups with slots (lrp_relu, lrp_act): g must have x's shape, or x's shape
+// with extra leading (slot) dimensions; one dtype and device; eps >= 0.  `op` names the op in
+// the messages.
+inline void check_slot_args(const char* op, const at::Tensor& g, const at::Tensor& x, double eps) {
   check_float(x, "x");
-  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "fisnet.lrp_relu_bwd: g is ", g.scalar_type(), " but x is ",
+  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "fisnet.", op, ": g is ", g.scalar_type(), " but x is ",
               x.scalar_type(), "; pass tensors of one dtype");
-  TORCH_CHECK(g.device() == x.device(), "fisnet.lrp_relu_bwd: g is on ", g.device(), " but x is on ", x.device());
-  TORCH_CHECK(eps >= 0.0, "fisnet.lrp_relu_bwd: eps must be >= 0, got ", eps);
-  TORCH_CHECK(g.dim() >= x.dim(), "fisnet.lrp_relu_bwd: g has shape ", g.sizes(), ", x has shape ", x.sizes(),
+  TORCH_CHECK(g.device() == x.device(), "fisnet.", op, ": g is on ", g.device(), " but x is on ", x.device());
+  TORCH_CHECK(eps >= 0.0, "fisnet.", op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(g.dim() >= x.dim(), "fisnet.", op, ": g has shape ", g.sizes(), ", x has shape ", x.sizes(),
               "; g must have x's shape, optionally with leading slot dimensions");
   auto gs = g.sizes();
   auto xs = x.sizes();
-  TORCH_CHECK(gs.slice(gs.size() - xs.size()) == xs, "fisnet.lrp_relu_bwd: g has shape ", gs, ", x has shape ",
+  TORCH_CHECK(gs.slice(gs.size() - xs.size()) == xs, "fisnet.", op, ": g has shape ", gs, ", x has shape ",
               xs, "; g must have x's shape, optionally with leading slot dimensions");
 }
 
-// lrp_relu_bwd_bwd: the bwd checks, and gg like g (shape, dtype, device).
-inline void check_bwd_bwd_args(const at::Tensor& gg, const at::Tensor& g, const at::Tensor& x, double eps) {
-  check_bwd_args(g, x, eps);
-  TORCH_CHECK(gg.sizes() == g.sizes(), "fisnet.lrp_relu_bwd_bwd: gg has shape ", gg.sizes(),
+// The double-backward ops of those groups: the slot checks, and gg like g (shape, dtype, device).
+inline void check_slot_args2(const char* op, const at::Tensor& gg, const at::Tensor& g, const at::Tensor& x,
+                             double eps) {
+  check_slot_args(op, g, x, eps);
+  TORCH_CHECK(gg.sizes() == g.sizes(), "fisnet.", op, ": gg has shape ", gg.sizes(),
               " but g has shape ", g.sizes(), "; they must be equal");
-  TORCH_CHECK(gg.scalar_type() == g.scalar_type(), "fisnet.lrp_relu_bwd_bwd: gg is ", gg.scalar_type(),
+  TORCH_CHECK(gg.scalar_type() == g.scalar_type(), "fisnet.", op, ": gg is ", gg.scalar_type(),
               " but g is ", g.scalar_type(), "; pass tensors of one dtype");
-  TORCH_CHECK(gg.device() == g.device(), "fisnet.lrp_relu_bwd_bwd: gg is on ", gg.device(), " but g is on ",
+  TORCH_CHECK(gg.device() == g.device(), "fisnet.", op, ": gg is on ", gg.device(), " but g is on ",
               g.device());
+}
+
+inline void check_bwd_args(const at::Tensor& g, const at::Tensor& x, double eps) {
+  check_slot_args("lrp_relu_bwd", g, x, eps);
+}
+
+inline void check_bwd_bwd_args(const at::Tensor& gg, const at::Tensor& g, const at::Tensor& x, double eps) {
+  check_slot_args2("lrp_relu_bwd_bwd", gg, g, x, eps);
+}
+
+// lrp_act ops: a known kind and a finite parameter (softplus: beta > 0).  Kinds: csrc/act_math.h.
+inline void check_act_kind(const char* op, int64_t kind, double param) {
+  TORCH_CHECK(kind >= 0 && kind < 10, "fisnet.", op, ": unknown activation kind ", kind,
+              " (0..9; see fisnet_ext.act_ops.KINDS)");
+  TORCH_CHECK(std::isfinite(param), "fisnet.", op, ": param must be finite, got ", param);
+  TORCH_CHECK(kind != 9 || param > 0.0, "fisnet.", op, ": softplus needs beta (param) > 0, got ", param);
+}
+
+// The backward ops also take eps: finite, and > 0 for softplus (softplus(0) > 0, so the identity
+// rule phi(z)/z has a pole at 0).  The slot checks (check_slot_args) test eps >= 0.
+inline void check_act_eps(const char* op, int64_t kind, double eps) {
+  TORCH_CHECK(std::isfinite(eps), "fisnet.", op, ": eps must be finite, got ", eps);
+  TORCH_CHECK(kind != 9 || eps > 0.0, "fisnet.", op, ": softplus needs eps > 0 (softplus(0) > 0, so "
+              "phi(z)/z has a pole at z = 0), got ", eps);
 }
 
 // zplus ops: every tensor has the first one's floating dtype, device and shape; eps >= 0.

@@ -20,6 +20,14 @@ TORCH_LIBRARY(fisnet, m) {
   m.def("bn_train_bwd(Tensor g, Tensor x, Tensor weight, float eps) -> Tensor");
   // Its derivative contracted with h: (d/dg, d/dx, d/dweight), d/dx and d/dweight summed over slots.
   m.def("bn_train_bwd_bwd(Tensor h, Tensor g, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  // Element-wise activation y = phi(x) of kind `kind` (codes and formulas: csrc/act_math.h;
+  // param: leaky_relu's slope, elu's alpha, softplus's beta).
+  m.def("act_fwd(Tensor x, int kind, float param) -> Tensor");
+  // Identity-rule heatmap backward: g * phi(x) / (x + eps * sign x), sign 0 = +1; g may carry
+  // leading slot dims.
+  m.def("act_bwd(Tensor g, Tensor x, int kind, float param, float eps) -> Tensor");
+  // Its derivative contracted with gg: (d/dg, d/dx), both of g's shape.
+  m.def("act_bwd_bwd(Tensor gg, Tensor g, Tensor x, int kind, float param, float eps) -> (Tensor, Tensor)");
 }
 
 #ifdef FISNET_WITH_CUDA

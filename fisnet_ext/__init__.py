@@ -2,7 +2,8 @@
 
 Tensors and kernels only (nothing of models or losses): the LRP-Flex ReLU op with its heatmap
 backward and double backward, in C++ (CPU), CUDA and Triton (GPU) and pure PyTorch
-(`fisnet_ext.reference`), registered as ``torch.ops.fisnet.*`` custom ops.
+(`fisnet_ext.reference`), registered as ``torch.ops.fisnet.*`` custom ops; the lrp_act family
+(element-wise activations with the identity-rule heatmap backward, fisnet_ext/act_ops.py).
 """
 from .backend import BACKENDS, current_backend, use_backend
 from .ops import (
@@ -20,9 +21,10 @@ from .ops import (
 )
 from .bn_ops import bn_train_bwd, bn_train_bwd_bwd
 from .zplus_ops import zplus_ratio
+from .act_ops import KINDS as ACT_KINDS, lrp_act
 
 __all__ = [
     "BACKENDS", "current_backend", "use_backend", "HAVE_C", "HAVE_TRITON", "WITH_CUDA",
     "HeatmapSwitch", "LRPReLU", "family", "lrp_relu", "lrp_relu_", "lrp_relu_bwd", "lrp_relu_bwd_bwd", "slot_mask",
-    "zplus_ratio", "bn_train_bwd", "bn_train_bwd_bwd",
+    "zplus_ratio", "bn_train_bwd", "bn_train_bwd_bwd", "lrp_act", "ACT_KINDS",
 ]

@@ -130,3 +130,122 @@ def bn_train_bwd_bwd(h: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: 
     d_w = (r * Dn * n).sum([d for d in range(ga.dim()) if d != extra + 1])
     d_x = d_x.sum(list(range(extra))) if extra else d_x
     return d_g.to(g.dtype), d_x.to(x.dtype), d_w.reshape(weight.shape).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lrp_act family (fisnet_ext/act_ops.py): element-wise activations y = φ(z) whose heatmap
+# backward is the identity rule with the ε of the preceding layer.  `kind` is the integer code
+# of fisnet_ext.act_ops.KINDS (csrc/act_math.h); `param` is leaky_relu's slope, elu's alpha or
+# softplus's beta (ignored by the other kinds).
+#
+#   act_fwd(x, kind, p)               = φ(x)       (PyTorch's own F.* function)
+#   act_bwd(g, x, kind, p, eps)       = g * h(x),  h(z) = φ(z) / (z + eps * sign z), sign 0 = +1
+#   act_bwd_bwd(gg, g, x, kind, p, eps) = (gg * h(x), gg * g * h'(x))
+#
+# Every kind but softplus is φ(z) = z * r(z) with r(0) := φ'(0) (PyTorch's derivative at 0);
+# with ρ = z / d (d = z + eps * sign z; ρ := 1 where d == 0) the factor is h = ρ r and
+# h' = ρ r' + eps * sign z / d² * r — for eps = 0 exactly r(z) = φ(z)/z and r'(z), with no
+# cancellation near 0.  Softplus (φ(0) > 0) needs eps > 0: h = φ / d, h' = (φ' - h) / d.
+# Everything is written with differentiable torch ops (the op's third derivative uses it).
+import math as _math
+
+import torch.nn.functional as _F
+
+ACT_RELU, ACT_RELU6, ACT_LEAKY, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_HARDSWISH, ACT_ELU, ACT_MISH, \
+    ACT_SOFTPLUS = range(10)
+_SOFTPLUS_THRESHOLD = 20.0
+_ELU_SERIES = 0.05
+_GELU_TANH_BETA = _math.sqrt(2.0) * (2.0 / _math.sqrt(_math.pi)) * 0.5
+_GELU_TANH_KAPPA = 0.044715
+
+
+def act_fwd(x: torch.Tensor, kind: int, param: float) -> torch.Tensor:
+    if kind == ACT_RELU:
+        return torch.relu(x)
+    if kind == ACT_RELU6:
+        return _F.relu6(x)
+    if kind == ACT_LEAKY:
+        return _F.leaky_relu(x, param)
+    if kind == ACT_GELU:
+        return _F.gelu(x)
+    if kind == ACT_GELU_TANH:
+        return _F.gelu(x, approximate="tanh")
+    if kind == ACT_SILU:
+        return _F.silu(x)
+    if kind == ACT_HARDSWISH:
+        return _F.hardswish(x)
+    if kind == ACT_ELU:
+        return _F.elu(x, param)
+    if kind == ACT_MISH:
+        return _F.mish(x)
+    if kind == ACT_SOFTPLUS:
+        return _F.softplus(x, param, _SOFTPLUS_THRESHOLD)
+    raise ValueError(f"fisnet.act_fwd: unknown activation kind {kind}")
+
+
+def _act_ratio(z: torch.Tensor, kind: int, p: float):
+    """(r, r') with r = φ(z)/z, r(0) = φ'(0); for softplus (r, r') = (φ', 0)."""
+    one, zero = torch.ones_like(z), torch.zeros_like(z)
+    if kind == ACT_RELU:
+        return torch.where(z > 0, one, zero), zero
+    if kind == ACT_RELU6:
+        hi = z >= 6
+        zs = torch.where(hi, z, 6.0 * one)
+        inv = 1.0 / zs
+        return torch.where(hi, 6.0 * inv, torch.where(z > 0, one, zero)), torch.where(hi, -6.0 * inv * inv, zero)
+    if kind == ACT_LEAKY:
+        return torch.where(z > 0, one, p * one), zero
+    if kind == ACT_GELU:
+        return 0.5 * (1.0 + torch.erf(z * _math.sqrt(0.5))), torch.exp(-0.5 * z * z) / _math.sqrt(2.0 * _math.pi)
+    if kind == ACT_GELU_TANH:
+        t = torch.tanh(_GELU_TANH_BETA * (z + _GELU_TANH_KAPPA * (z * z * z)))
+        return 0.5 * (1.0 + t), 0.5 * (1.0 - t * t) * _GELU_TANH_BETA * (1.0 + 3.0 * _GELU_TANH_KAPPA * z * z)
+    if kind == ACT_SILU:
+        s = 1.0 / (1.0 + torch.exp(-z))
+        return s, s * (1.0 - s)
+    if kind == ACT_HARDSWISH:
+        return torch.clamp(z + 3.0, 0.0, 6.0) / 6.0, torch.where((z > -3) & (z < 3), one / 6.0, zero)
+    if kind == ACT_ELU:
+        neg = z < 0
+        zs = torch.where(neg, z, -one)
+        em = torch.expm1(zs)
+        r = torch.where(z > 0, one, torch.where(neg, p * (em / zs), p * one))
+        zz = torch.where(z <= 0, z, zero)
+        series = 1 / 2 + zz * (1 / 3 + zz * (1 / 8 + zz * (1 / 30 + zz * (1 / 144 + zz * (1 / 840 + zz * (1 / 5760))))))
+        direct = (zs * (em + 1.0) - em) / (zs * zs)
+        rp = torch.where(z > 0, zero, p * torch.where(zz > -_ELU_SERIES, series, direct))
+        return r, rp
+    if kind == ACT_MISH:
+        t = torch.tanh(torch.log1p(torch.exp(z)))
+        return t, (1.0 - t * t) / (1.0 + torch.exp(-z))
+    if kind == ACT_SOFTPLUS:
+        bz = z * p
+        big = bz > _SOFTPLUS_THRESHOLD
+        e = torch.exp(torch.where(big, zero, bz))
+        return torch.where(big, one, e / (e + 1.0)), zero
+    raise ValueError(f"fisnet.act_bwd: unknown activation kind {kind}")
+
+
+def act_factor(z: torch.Tensor, kind: int, param: float, eps: float):
+    """(h(z), h'(z)) of the identity rule, in z's dtype (differentiable in z)."""
+    se = torch.where(z < 0, torch.full_like(z, -eps), torch.full_like(z, eps))
+    d = z + se
+    nz = d != 0
+    inv = 1.0 / torch.where(nz, d, torch.ones_like(d))
+    r, rp = _act_ratio(z, kind, param)
+    if kind == ACT_SOFTPLUS:
+        h = act_fwd(z, kind, param) * inv
+        return h, (r - h) * inv
+    rho = torch.where(nz, z * inv, torch.ones_like(z))
+    return rho * r, rho * rp + se * inv * inv * r
+
+
+def act_bwd(g: torch.Tensor, x: torch.Tensor, kind: int, param: float, eps: float) -> torch.Tensor:
+    h, _ = act_factor(_acc(x), kind, param, eps)
+    return (_acc(g) * h).to(g.dtype)
+
+
+def act_bwd_bwd(gg: torch.Tensor, g: torch.Tensor, x: torch.Tensor, kind: int, param: float, eps: float):
+    h, hp = act_factor(_acc(x), kind, param, eps)
+    gga = _acc(gg)
+    return (gga * h).to(g.dtype), (gga * _acc(g) * hp).to(g.dtype)
