@@ -105,9 +105,9 @@ fi
 
 # 2. the CUDA tests: every test marked `cuda`, and the Triton tests (real GPU kernels there)
 if [ "$CUDA" = 1 ]; then
-  part tests-cuda 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests \
+  part tests-cuda 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests \
     --junitxml="$OUTDIR/tests-cuda.xml"
-  part tests-triton 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_bn_triton.py \
+  part tests-triton 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_bn_triton.py \
     --junitxml="$OUTDIR/tests-triton.xml"
 else
   # rehearsal: the same selection, collected and skipped here (checks the command, not the kernels)
@@ -118,32 +118,37 @@ fi
 
 # 3. kernel benchmark: GB/s and fraction of the copy bandwidth measured in the same run
 if [ "$CUDA" = 1 ]; then
-  part kernels 90 "$PY" bench/kernels.py --device cuda --repeats 9 --out "$OUTDIR/kernels.csv"
+  part kernels 90 "$PY" bench/kernels.py --device cuda --sizes p16,p20,p24,p26,p28 --repeats 9 \
+    --out "$OUTDIR/kernels.csv"
 else
   part kernels 60 "$PY" bench/kernels.py --device cpu --sizes p16 --repeats 3 --out "$OUTDIR/kernels.csv"
 fi
 
 # 4. the ISNet step of large models: ResNet-50 and DenseNet-121, 224 px, batch 32, fp32 and bf16 autocast
-if [ "$CUDA" = 1 ]; then BIG="--size 224 --batch 32 --repeats 5"; BIGCAP=75; DEV=cuda
-else BIG="--size 32 --batch 2 --repeats 1"; BIGCAP=60; DEV=cpu; fi
+if [ "$CUDA" = 1 ]; then
+  BIG="--device cuda --size 224 --batch 32 --repeats 5 --variants plain,bare,selective,stochastic,dual,dual_slots"
+  BIGCAP=75
+else  # rehearsal: the same code paths at a toy size (no memory step, three variants)
+  BIG="--device cpu --size 32 --batch 1 --repeats 1 --no-memory --threads 2 --variants plain,selective,dual_slots"
+  BIGCAP=60
+fi
 for m in resnet50 densenet121; do
   for ac in none bf16; do
     # shellcheck disable=SC2086
-    part "step-$m-$ac" $BIGCAP "$PY" bench/scaling.py --device $DEV --model $m --classes 10 $BIG \
-      --variants plain,bare,selective,stochastic,dual,dual_slots --autocast $ac --out "$OUTDIR"
+    part "step-$m-$ac" $BIGCAP "$PY" bench/scaling.py --model $m --classes 10 $BIG --autocast $ac --out "$OUTDIR"
   done
 done
 
-# 5. the scaling benchmark with absolute times: the K sweep and the issue-11 settings (a) and (b)
+# 5. the scaling benchmark with absolute times: the issue-11 settings (a) and (b), and the K sweep
 if [ "$CUDA" = 1 ]; then
+  part scaling-settings 60 "$PY" bench/scaling.py --device cuda --setting a,b --repeats 7 --out "$OUTDIR"
   part scaling-k 120 "$PY" bench/scaling.py --device cuda --classes 2,10,100,1000 --batch 32 --repeats 5 \
     --max-loop 100 --out "$OUTDIR"
-  part scaling-settings 60 "$PY" bench/scaling.py --device cuda --setting a,b --repeats 7 --out "$OUTDIR"
 else
-  part scaling-k 60 "$PY" bench/scaling.py --device cpu --classes 2,3 --batch 4 --size 12 --width 4 --repeats 1 \
-    --out "$OUTDIR"
-  part scaling-settings 60 "$PY" bench/scaling.py --device cpu --setting a,b --batch 2 --size 32 --repeats 1 \
-    --out "$OUTDIR"
+  part scaling-settings 60 "$PY" bench/scaling.py --device cpu --setting a,b --batch 2 --size 16 --repeats 1 \
+    --threads 2 --out "$OUTDIR"
+  part scaling-k 60 "$PY" bench/scaling.py --device cpu --classes 2,3 --batch 2 --size 12 --width 4 --repeats 1 \
+    --threads 2 --out "$OUTDIR"
 fi
 
 # 6. one readable summary of the CSVs
