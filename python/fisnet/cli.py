@@ -95,7 +95,7 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
     t = time.perf_counter()
     plain = fresh_model()
     tr_plain = Trainer(plain, ds["train"], tests, os.path.join(out, "plain"),
-                       TrainConfig(epochs=p["plain_epochs"], P=0.0, **common))
+                       TrainConfig(epochs=p["plain_epochs"], P=0.0, **common), overwrite=True)
     tr_plain.fit()
     timings["plain_train_s"] = time.perf_counter() - t
 
@@ -114,7 +114,7 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
     t = time.perf_counter()
     isn = fresh_model()
     tr_isn = Trainer(isn, ds["train"], tests, os.path.join(out, "isnet"),
-                     TrainConfig(epochs=p["isnet_epochs"], P=p["P"], **common), cuts=cuts)
+                     TrainConfig(epochs=p["isnet_epochs"], P=p["P"], **common), cuts=cuts, overwrite=True)
     tr_isn.fit()
     timings["isnet_train_s"] = time.perf_counter() - t
 
@@ -172,15 +172,41 @@ def format_table(report: Dict) -> str:
 
 # ----------------------------------------------------------------------------- data for train / tune-cuts
 
+def _parse_window(text):
+    """"LO,HI" -> (LO, HI) or None."""
+    if not text:
+        return None
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--window {text!r}: expected LO,HI (two numbers in raw pixel units, e.g. 0,4095)") from None
+    if not lo < hi:
+        raise ValueError(f"--window {text!r}: LO must be below HI")
+    return lo, hi
+
+
+def _progress_bars(args) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
 def _datasets(args):
-    """(train set, {test name: set}, in_channels, num_classes) from --data/--mnist/--folder."""
+    """(train set, {test name: set}, in_channels, num_classes) from --data/--mnist/--folder.
+
+    A folder is checked file by file before training (ImageMaskFolder.validate); a test folder's
+    classes are mapped onto the training classes by name."""
     from . import data
     if args.folder:
-        tr = data.ImageMaskFolder(args.folder, args.masks, size=args.size, channels=args.channels)
+        kw = dict(size=args.size, channels=args.channels, window=_parse_window(getattr(args, "window", None)),
+                  allow_empty_masks=bool(getattr(args, "allow_empty_masks", False)))
+        tr = data.ImageMaskFolder(args.folder, args.masks, classes=getattr(args, "_classes", None), **kw)
+        info = tr.validate(progress=_progress_bars(args))
         tests = {}
         if args.test_folder:
-            tests["test"] = data.ImageMaskFolder(args.test_folder, args.test_masks, size=args.size,
-                                                 channels=args.channels)
+            tests["test"] = data.ImageMaskFolder(args.test_folder, args.test_masks, classes=tr.classes, **kw)
+            tests["test"].validate(progress=_progress_bars(args))
+        if args.size and set(info["sizes"]) != {(args.size, args.size)}:
+            sizes = ", ".join(f"{h}x{w}" for (h, w) in info["sizes"])
+            print(f"resizing the images ({sizes}) to {args.size}x{args.size} (--size)", flush=True)
         return tr, tests, args.channels, len(tr.classes)
     if args.mnist:
         ds = data.make_biased_mnist(args.mnist, args.seed, n_train=args.n_train, n_test=args.n_test)
@@ -214,10 +240,62 @@ def _parse_P(text: str):
     return sched
 
 
+# `fisnet train` options that a resumed run may change (how it runs, not what it computes); every
+# other option given with --resume must equal the run's saved one ("epochs" may only grow).
+RESUME_FREE_OPTIONS = {"out", "resume", "device", "threads", "workers", "no_progress", "debug", "epochs"}
+PATH_OPTIONS = ("folder", "masks", "test_folder", "test_masks", "cuts", "mnist", "out")
+
+
+def _cli_record(args) -> Dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command") and not k.startswith("_")
+            and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def _apply_saved_options(args, ck: Dict, path: str) -> None:
+    """--resume: take the run's saved options; an option given now must match its saved value."""
+    cfg = ck.get("config") or {}
+    saved = cfg.get("cli")
+    if not saved:
+        raise ValueError(f"{path} has no saved `fisnet train` options (written from Python?): resume it from Python "
+                         f"with Trainer(..., resume=True)")
+    given = getattr(args, "_given", set())
+    for k, v in saved.items():
+        if k in RESUME_FREE_OPTIONS or not hasattr(args, k):
+            continue
+        if k in given:
+            cur = getattr(args, k)
+            same = _parse_P(str(cur)) == _parse_P(str(v)) if k == "P" and cur is not None and v is not None \
+                else cur == v
+            if not same:
+                flag = "--" + k.replace("_", "-")
+                raise ValueError(f"{flag} {cur} differs from this run's saved {flag} {v}: a resumed run keeps its "
+                                 f"settings (drop {flag}, or start a new run with another --out)")
+        else:
+            setattr(args, k, v)
+    done = int(ck.get("epoch", 0))
+    if "epochs" not in given:
+        args.epochs = int(saved.get("epochs", cfg.get("epochs", done)))
+    elif args.epochs < done:
+        raise ValueError(f"--epochs {args.epochs}: the run in {args.out} already finished {done} epochs "
+                         f"(give --epochs {done} or more to extend it)")
+    args._classes = cfg.get("classes")
+
+
 def cmd_train(args) -> int:
     from .cuts import load_cuts
-    from .train import Trainer, TrainConfig
+    from .train import CHECKPOINT, Trainer, TrainConfig, load_checkpoint, resolve_device
     _threads(args.threads)
+    for k in PATH_OPTIONS:
+        if getattr(args, k, None):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
+    ckpath = os.path.join(args.out, CHECKPOINT)
+    resuming = bool(args.resume and os.path.isfile(ckpath))
+    if resuming:
+        _apply_saved_options(args, load_checkpoint(ckpath), ckpath)
+    elif args.resume:
+        print(f"no checkpoint in {args.out} yet: starting a new run", flush=True)
+    if args.device:
+        resolve_device(args.device)
     tr, tests, cin, K = _datasets(args)
     spec = _model_spec(args, cin, K)
     torch.manual_seed(args.seed)
@@ -229,11 +307,30 @@ def cmd_train(args) -> int:
                       deterministic=args.deterministic, amp=args.amp, device=args.device,
                       num_workers=args.workers, sync_bn=args.sync_bn, progress=not args.no_progress,
                       model_spec=spec)
+    cfg.lr_schedule = args.lr_schedule
+    cfg.classes = list(getattr(tr, "classes", None) or [str(i) for i in range(K)])
+    cfg.cli = _cli_record(args)
     cuts = load_cuts(args.cuts) if args.cuts else None
     t = Trainer(model, tr, tests, args.out, cfg, cuts=cuts, resume=args.resume)
-    t.fit()
+    if resuming and t.epoch >= cfg.epochs and t.rank == 0:
+        print(f"the run in {args.out} already has {t.epoch} epochs: nothing to do (give --epochs "
+              f"{t.epoch + 1} or more to extend it)")
+        return 0
+    try:
+        t.fit()
+    except KeyboardInterrupt:
+        if t.rank == 0:
+            import shlex
+            saved = (f"the checkpoint of epoch {t.epoch} is in {args.out}" if t.epoch and os.path.isfile(ckpath)
+                     else "no epoch finished yet")
+            print(f"fisnet train: interrupted in epoch {t.epoch + 1}: {saved}; continue with: "
+                  f"fisnet train --out {shlex.quote(args.out)} --resume", file=sys.stderr, flush=True)
+        return 130
     if t.rank == 0:
-        print(f"checkpoint: {os.path.join(args.out, 'checkpoint.pt')}; logs: log.json, log.csv")
+        if os.path.isfile(ckpath) and t.epoch > 0:
+            print(f"checkpoint: {ckpath} (epoch {t.epoch}); logs: log.json, log.csv")
+        else:
+            print(f"no epoch was run (--epochs {cfg.epochs}): no checkpoint written")
     return 0
 
 
@@ -247,29 +344,20 @@ def cmd_tune_cuts(args) -> int:
     net = ISNet(model, args.variant, eps=args.eps, lds_layers="default" if args.lds else None)
     g = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(tr, batch_size=args.batch_size, shuffle=True, generator=g)
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuts = tune_cuts(net, loader, epochs=args.epochs, lr=args.lr, device=dev, progress=not args.no_progress)
+    from .train import resolve_device
+    dev = resolve_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    cuts = tune_cuts(net, loader, epochs=args.epochs, lr=args.lr, device=dev, progress=_progress_bars(args))
     save_cuts(cuts, args.out)
     print(json.dumps(cuts))
     print(f"wrote {args.out}")
     return 0
 
 
-def load_image(path: str, channels: int, size=None) -> torch.Tensor:
-    """A PNG/JPEG as a float (1, C, H, W) tensor in [0, 1]."""
-    from PIL import Image
-    import numpy as np
-    try:
-        im = Image.open(path)
-        im.load()
-    except Exception as e:
-        raise SystemExit(f"fisnet explain: cannot read image {path}: {e}")
-    im = im.convert("L" if channels == 1 else "RGB")
-    if size:
-        im = im.resize((size, size) if isinstance(size, int) else tuple(size)[::-1], Image.BILINEAR)
-    a = torch.from_numpy(np.asarray(im, dtype="float32") / 255.0)
-    a = a[None] if a.dim() == 2 else a.permute(2, 0, 1)
-    return a[None]
+def load_image(path: str, channels: int, size=None, window=None) -> torch.Tensor:
+    """An image as a float (1, C, H, W) tensor in [0, 1], read at full depth exactly as
+    ImageMaskFolder reads training images (fisnet.data.folder.load_image)."""
+    from .data.folder import load_image as _load
+    return _load(path, channels, size=size, window=window)[None]
 
 
 def cmd_explain(args) -> int:
@@ -278,19 +366,36 @@ def cmd_explain(args) -> int:
     from .train import load_checkpoint, model_from_checkpoint
     ck = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ck).eval()
-    spec = ck["config"]["model_spec"]
-    x = load_image(args.image, int(spec.get("in_channels", 3)), args.size)
-    cfg = ck.get("config", {})
+    cfg = ck.get("config") or {}
+    spec = cfg.get("model_spec") or {}
+    run_opts = cfg.get("cli") or {}  # the training run's image options (size, window) unless given here
+    size = args.size or run_opts.get("size")
+    window = _parse_window(args.window or run_opts.get("window"))
+    x = load_image(args.image, int(spec.get("in_channels", 3)), size, window)
+    K = int(spec.get("num_classes", 0)) or None
+    classes = list(cfg.get("classes") or [str(i) for i in range(K or 0)])
     eps = args.eps if args.eps is not None else cfg.get("eps", 1e-2)
     with torch.no_grad():
         logits = model(x)
-    target = args.target if args.target is not None else int(logits.argmax(1))
+    pred = int(logits.argmax(1))
+    if args.target is None:
+        target = pred
+    elif args.target in classes:
+        target = classes.index(args.target)
+    elif args.target.lstrip("-").isdigit() and 0 <= int(args.target) < logits.shape[1]:
+        target = int(args.target)
+    else:
+        raise ValueError(f"--target {args.target}: not a class of this checkpoint (names {classes}, "
+                         f"or an index 0..{logits.shape[1] - 1})")
+
+    def name(i):
+        return f"{i} ({classes[i]})" if i < len(classes) else str(i)
     R = explain(model, x, target, eps=eps, zb=cfg.get("zb", True), bounds=tuple(cfg.get("bounds", (0.0, 1.0))))
     p = torch.softmax(logits, 1)[0, target].item()
-    save_heatmap_png(x[0], R[0], args.out, title=f"class {target} (p = {p:.2f})")
+    save_heatmap_png(x[0], R[0], args.out, title=f"class {name(target)} (p = {p:.2f})")
     if args.save_tensor:
         torch.save(R[0], os.path.splitext(args.out)[0] + ".pt")
-    print(f"predicted class {int(logits.argmax(1))}; explained class {target}; wrote {args.out}")
+    print(f"predicted class {name(pred)}; explained class {name(target)}; wrote {args.out}")
     return 0
 
 
@@ -329,11 +434,20 @@ def _add_data_args(p):
                                                       "(train-images-idx3-ubyte[.gz], ... ; nothing is downloaded)")
     g.add_argument("--folder", metavar="ROOT", help="ImageMaskFolder: ROOT/images/<class>/* with ROOT/masks/<class>/*.png "
                                                      "(or images in ROOT and masks in --masks)")
-    g.add_argument("--masks", metavar="ROOT", help="mask folder for --folder (same <class>/<name> layout)")
+    g.add_argument("--masks", metavar="ROOT", help="mask folder for --folder (same <class>/<name> layout). Masks: "
+                                                   "binary {0, 1} or {0, 255} masks are read as they are (1/255 = "
+                                                   "foreground); a grey-level mask is thresholded at half the range "
+                                                   "of its type (>= 128 for 8-bit, >= 32768 for 16-bit); an RGB mask "
+                                                   "is converted to grey first")
     g.add_argument("--test-folder", metavar="ROOT", help="test ImageMaskFolder evaluated every epoch")
     g.add_argument("--test-masks", metavar="ROOT", help="mask folder for --test-folder")
-    g.add_argument("--size", type=int, help="resize folder images to SIZE x SIZE")
+    g.add_argument("--size", type=int, help="resize folder images (and masks) to SIZE x SIZE; without it nothing "
+                                            "is resized and all images must have one size")
     g.add_argument("--channels", type=int, default=3, choices=[1, 3], help="folder image channels (default 3)")
+    g.add_argument("--window", metavar="LO,HI", help="map raw pixel values LO..HI to 0..1 (clipped) instead of the "
+                                                     "pixel type's range (8-bit /255, 16-bit /65535), e.g. 0,4095 "
+                                                     "for 12-bit data in 16-bit files")
+    g.add_argument("--allow-empty-masks", action="store_true", help="accept masks without a foreground pixel")
     g.add_argument("--n-train", type=int, help="number of training digits (digits/MNIST)")
     g.add_argument("--n-test", type=int, help="number of test digits (digits/MNIST)")
 
@@ -393,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="default sgd")
     g.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant, or cosine per epoch from --lr down to --lr/100 (default constant)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
@@ -406,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-epochs", type=int, default=5, help="epochs of the C1/C2 heuristic (default 5)")
     r = t.add_argument_group("run")
     r.add_argument("--out", default="./fisnet-run", help="run folder (default ./fisnet-run)")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT with its saved settings (other flags may only repeat them; "
+                        "--epochs may extend the run; --device/--threads/--workers may change)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms + seeding")
     r.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
@@ -440,8 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("image", metavar="IMAGE")
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt or its run folder")
     e.add_argument("--out", default="heatmap.png", help="output PNG (default heatmap.png)")
-    e.add_argument("--target", type=int, help="class to explain (default: the predicted one)")
-    e.add_argument("--size", type=int, help="resize the image to SIZE x SIZE first")
+    e.add_argument("--target", help="class to explain: its name or index (default: the predicted one)")
+    e.add_argument("--size", type=int, help="resize the image to SIZE x SIZE first (default: the training run's --size)")
+    e.add_argument("--window", metavar="LO,HI", help="raw pixel window (default: the training run's --window, else "
+                                                     "the pixel type's range)")
     e.add_argument("--eps", type=float, help="LRP-epsilon (default: the checkpoint's)")
     e.add_argument("--save-tensor", action="store_true", help="also save the heatmap tensor (.pt)")
     e.set_defaults(func=cmd_explain)
@@ -451,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the ISNet variants for K = 2, 10, 100, 1000 classes; writes a CSV and a PNG "
                                    "under --out and prints a table.")
     b.add_argument("--quick", action="store_true", help="a CPU-sized subset")
-    b.add_argument("--out", help="results folder (default bench/results)")
+    b.add_argument("--out", help="results folder (default: a new temporary folder; committed results are never "
+                                 "overwritten by default)")
     b.add_argument("--classes", help="comma-separated class counts")
     b.add_argument("--repeats", type=int, help="timed repeats per configuration")
     b.add_argument("--variants", help="comma-separated subset of plain, original, original_loop, selective, "
@@ -461,7 +582,43 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int, help="small_cnn width (default 16)")
     b.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     b.set_defaults(func=cmd_bench)
+    _add_debug_flags(ap)
     return ap
+
+
+def _add_debug_flags(ap) -> None:
+    """--debug before or after the command: show the traceback of an error."""
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    for a in ap._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                if "--debug" not in sp._option_string_actions:
+                    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                    help="show the full traceback of an error")
+
+
+def _given_options(argv: List[str]) -> set:
+    """The dests of the options given explicitly on the command line (for --resume)."""
+    ap = build_parser()
+
+    def suppress(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    suppress(sp)
+            a.default = argparse.SUPPRESS
+        p._defaults.clear()
+    suppress(ap)
+    ns, _ = ap.parse_known_args(argv)
+    return set(vars(ns)) - {"command", "func"}
+
+
+def _one_line(e: BaseException) -> str:
+    from .train import TrainingDivergedError
+    msg = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip())
+    if isinstance(e, (ValueError, OSError, ImportError, TrainingDivergedError)) and msg:
+        return msg
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def _ver() -> str:
@@ -478,9 +635,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "command", None):
         ap.print_help()
         return 0
+    args._given = _given_options(list(sys.argv[1:] if argv is None else argv))
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("FISNET_DEBUG", "") not in ("", "0")
     from .perf import tune_cpu_malloc
     tune_cpu_malloc()  # keep freed heap for reuse (docs/status.md); FISNET_MALLOC_TUNING=0 opts out
-    return int(args.func(args) or 0)
+    # A user error ends with one line on stderr and exit status 1 (--debug: the traceback);
+    # Ctrl-C with status 130 (`fisnet train` says how to resume).
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"fisnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"fisnet {args.command}: error: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

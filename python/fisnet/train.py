@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -58,9 +59,28 @@ from .loss import ISNetLoss
 from .metrics import background_share, evaluate
 from .variants import ISNet, ISNetOutput
 
-__all__ = ["TrainConfig", "Trainer", "train", "load_checkpoint", "model_from_checkpoint", "atomic_save"]
+__all__ = ["TrainConfig", "Trainer", "train", "load_checkpoint", "model_from_checkpoint", "atomic_save",
+           "CheckpointError", "TrainingDivergedError", "RunExistsError", "resolve_device"]
 
 CHECKPOINT = "checkpoint.pt"
+
+# Config fields that may differ when a run is resumed (they change how it runs, not what it
+# computes); every other field must equal the saved one ("epochs" may grow).
+RESUME_FREE = frozenset({"epochs", "device", "num_workers", "progress", "verbose", "eval_batch_size",
+                         "eval_share", "eval_share_max_images", "deterministic", "run_name", "cli"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded (missing, empty, truncated, or holding objects
+    other than tensors and plain Python types)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss, the gradients or the weights became NaN/inf; the last finite checkpoint is kept."""
+
+
+class RunExistsError(FileExistsError):
+    """The run folder already holds a run and ``resume`` was not asked for."""
 
 
 @dataclasses.dataclass
@@ -96,6 +116,9 @@ class TrainConfig:
     eval_share_max_images: Optional[int] = None
     progress: bool = True
     model_spec: Optional[Dict[str, Any]] = None  # {"name", "num_classes", "in_channels", ...} for rebuilding
+    verbose: bool = True  # print one line per epoch (loss, accuracy); progress only controls the bars
+    classes: Optional[List[str]] = None  # class names, label i = classes[i] (saved with the run)
+    cli: Optional[Dict[str, Any]] = None  # the `fisnet train` options of the run (--resume reuses them)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -143,11 +166,34 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Load a fisnet checkpoint (a file or its run folder) with ``torch.load(weights_only=True)``:
+    only tensors and plain Python types are unpickled, so loading can never run code. Anything else
+    (a pickled object, an empty or truncated file) raises :class:`CheckpointError` naming the path."""
+    path = str(path)
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    import pickle
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol")  # foreign pickles: refused below
+            ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain Python types, "
+                              f"which could run code when unpickled ({why[:160]}). fisnet saves checkpoints that "
+                              f"load without such objects; use only checkpoints written by fisnet") from None
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not isinstance(ck, Mapping) or "model" not in ck:
+        raise CheckpointError(f"{path} is not a fisnet checkpoint (no 'model' entry)")
+    return ck
 
 
 def model_from_checkpoint(ckpt: Union[str, Mapping], map_location="cpu") -> nn.Module:
@@ -163,6 +209,27 @@ def model_from_checkpoint(ckpt: Union[str, Mapping], map_location="cpu") -> nn.M
     model = models.build(name, **spec)
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``torch.device(name)``, with a clear error when CUDA is asked for but not available."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            raise ValueError(f"device {name!r}: this PyTorch build ({torch.__version__}) has no CUDA support; "
+                             f"use --device cpu or install a CUDA build of PyTorch")
+        raise ValueError(f"device {name!r}: PyTorch {torch.__version__} was built with CUDA but sees no GPU "
+                         f"(driver, CUDA_VISIBLE_DEVICES?); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
+
+
+def _json_same(a, b) -> bool:
+    return json.loads(json.dumps(a, sort_keys=True)) == json.loads(json.dumps(b, sort_keys=True))
 
 
 def _dist():
@@ -203,14 +270,21 @@ class Trainer:
     Args: model (an ``nn.Module``; modified in place), train_set, test_sets ({name: Dataset or
     loader}), out (run folder; None = no files), config (:class:`TrainConfig`) or keyword
     overrides of it, cuts (C1/C2 dict; None = tuned on a copy of the model before training
-    when the heatmap loss is used), resume (continue from ``out/checkpoint.pt`` if present).
+    when the heatmap loss is used), resume (continue from ``out/checkpoint.pt`` if present; the
+    config must then equal the saved one except for the fields in ``RESUME_FREE``; ``epochs`` may
+    grow), overwrite (start afresh in a folder that already holds a run; without it and without
+    resume such a folder is refused with :class:`RunExistsError`).
+
+    A step whose loss or gradient norm is not finite, or an epoch that ends with non-finite
+    weights, stops training with :class:`TrainingDivergedError`; the checkpoint of the last
+    finished epoch (finite) is left in place.
 
     ``fit()`` runs the remaining epochs and returns the history (one dict per epoch).
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, test_sets: Optional[Mapping[str, Any]] = None,
                  out: Optional[str] = None, config: Optional[TrainConfig] = None, *, cuts=None,
-                 resume: bool = False, **overrides):
+                 resume: bool = False, overwrite: bool = False, **overrides):
         cfg = copy.deepcopy(config) if config is not None else TrainConfig()
         for k, v in overrides.items():
             if not hasattr(cfg, k):
@@ -235,7 +309,7 @@ class Trainer:
             self.rank = dist.get_rank()
             self.world = dist.get_world_size()
         if cfg.device is not None:
-            dev = torch.device(cfg.device)
+            dev = resolve_device(cfg.device)
         elif torch.cuda.is_available():
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         else:
@@ -248,6 +322,10 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} (global) must be divisible by the number of "
                              f"processes {self.world}")
+
+        if out is not None and not resume and not overwrite and self._run_exists(out):
+            raise RunExistsError(f"run folder {out} already holds a run ({self._run_exists(out)}); continue it with "
+                                 f"--resume (resume=True) or choose a new --out")
 
         self._seed_all(cfg.seed)
         if cfg.deterministic:
@@ -295,6 +373,14 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     @staticmethod
+    def _run_exists(out: str) -> str:
+        """What marks ``out`` as holding a finished epoch of a run ("" if nothing)."""
+        for f in (CHECKPOINT, "log.json"):
+            if os.path.isfile(os.path.join(out, f)):
+                return os.path.join(out, f)
+        return ""
+
+    @staticmethod
     def _seed_all(seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % (2 ** 32))
@@ -327,7 +413,8 @@ class Trainer:
             loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, generator=g,
                                 num_workers=cfg.num_workers)
             cuts = tune_cuts(tnet, loader, epochs=cfg.tune_epochs, lr=cfg.lr if cfg.optimizer == "sgd" else 1e-2,
-                             momentum=cfg.momentum, clip=cfg.clip, device=self.device, progress=cfg.progress)
+                             momentum=cfg.momentum, clip=cfg.clip, device=self.device,
+                             progress=cfg.progress and _tty())
             del twin, tnet
         if self.world > 1:
             box = [cuts]
@@ -340,7 +427,14 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        """The checkpoint: tensors and plain Python types only (loads with ``weights_only=True``)."""
+        name, key, pos, has_gauss, gauss = np.random.get_state()
+        py_version, py_state, py_gauss = random.getstate()
+        rng = {"torch": torch.get_rng_state(),
+               "numpy": {"name": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                         "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+               "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                          "gauss_next": None if py_gauss is None else float(py_gauss)},
                "isnet": self.generator.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -356,13 +450,32 @@ class Trainer:
         atomic_save(self.state(), path)
         return path
 
+    def _check_resume_config(self, saved: Mapping, path: str) -> None:
+        """A resumed run keeps its settings: every field outside RESUME_FREE must match."""
+        cur = self.cfg.to_dict()
+        for k, v in cur.items():
+            if k in RESUME_FREE or k not in saved:
+                continue
+            if not _json_same(v, saved[k]):
+                raise ValueError(f"resuming {path}: {k} = {v!r} differs from the run's saved {k} = {saved[k]!r}; "
+                                 f"a resumed run keeps its settings (start a new run folder to change them)")
+        done = int(self.epoch)
+        if self.cfg.epochs < done:
+            raise ValueError(f"resuming {path}: the run already finished {done} epochs; epochs = {self.cfg.epochs} "
+                             f"cannot shorten it (give epochs >= {done})")
+
     def _load(self, path: str) -> None:
-        ck = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(ck["model"])
+        ck = load_checkpoint(path, map_location=self.device)
+        self.epoch = int(ck.get("epoch", 0))
+        self._check_resume_config(ck.get("config") or {}, path)
+        try:
+            self.model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise ValueError(f"resuming {path}: its weights do not fit this model ({str(e).splitlines()[0]} ...); "
+                             f"resume with the run's own model settings") from None
         self.opt.load_state_dict(ck["optimizer"])
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
-        self.epoch = int(ck["epoch"])
         self.history = list(ck.get("history") or [])
         if self.cuts is None:
             self.cuts = ck.get("cuts")
@@ -370,9 +483,12 @@ class Trainer:
         if "torch" in rng:
             torch.set_rng_state(rng["torch"].cpu())
         if "numpy" in rng:
-            np.random.set_state(rng["numpy"])
+            n = rng["numpy"]
+            np.random.set_state((n["name"], n["key"].cpu().numpy().astype(np.uint32), int(n["pos"]),
+                                 int(n["has_gauss"]), float(n["cached_gaussian"])))
         if "python" in rng:
-            random.setstate(rng["python"])
+            p = rng["python"]
+            random.setstate((int(p["version"]), tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
         if "isnet" in rng and self.world == ck.get("world_size", 1):
             self.generator.set_state(rng["isnet"].cpu() if self.device.type == "cpu" else rng["isnet"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -424,7 +540,7 @@ class Trainer:
         n_seen, n_steps = 0, 0
         it = self.loader
         bar = None
-        if cfg.progress and self.rank == 0:
+        if cfg.progress and self.rank == 0 and _tty():  # no bars in logs (output not a terminal)
             try:
                 from tqdm.auto import tqdm
                 it = bar = tqdm(self.loader, desc=f"epoch {e + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
@@ -441,7 +557,8 @@ class Trainer:
                     out = self.net(x, y)
                 else:
                     out = ISNetOutput(self.model(x), variant="plain")
-            loss = self.crit(out, y, m, epoch=e)
+            if out is not None:
+                loss = self.crit(out, y, m, epoch=e)
             self.opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -450,8 +567,11 @@ class Trainer:
                 loss.backward()
             if self.world > 1:
                 self._allreduce_grads()
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+            gnorm = self._grad_norm(cfg.clip)  # clips when cfg.clip
+            if self.scaler is None and not math.isfinite(gnorm):
+                self._diverged(f"step {n_steps + 1}: gradient norm {gnorm}, loss {float(loss.detach()):g}", bar)
+            if self.world == 1 and not math.isfinite(float(loss.detach())):
+                self._diverged(f"step {n_steps + 1}: loss {float(loss.detach())}", bar)
             if self.scaler is not None:
                 self.scaler.step(self.opt)
                 self.scaler.update()
@@ -481,6 +601,35 @@ class Trainer:
             row["train_background"] = row["train_foreground"] = None
         return row
 
+    def _grad_norm(self, clip: Optional[float]) -> float:
+        """Total gradient norm (before clipping); clips to ``clip`` when given."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if clip:
+            return float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if hasattr(torch.nn.utils, "get_total_norm"):
+            return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
+                   if torch.is_tensor(t) and t.is_floating_point())
+
+    def _diverged(self, where: str, bar=None) -> None:
+        cfg = self.cfg
+        if bar is not None:
+            bar.close()
+        ck = os.path.join(self.out, CHECKPOINT) if self.out is not None else None
+        if ck is not None and os.path.isfile(ck):
+            kept = f"the last finite checkpoint (epoch {self.epoch}) is kept at {ck}"
+        else:
+            kept = "no checkpoint was written" if ck is not None else "nothing was saved (no run folder)"
+        hint = "lower the learning rate (--lr)" + ("" if cfg.clip else " or turn gradient clipping on (--clip 1)")
+        raise TrainingDivergedError(
+            f"training diverged in epoch {self.epoch + 1} ({where}; lr {self.lr_at(self.epoch):g}, gradient clipping "
+            f"{('at ' + format(cfg.clip, 'g')) if cfg.clip else 'off'}): {kept}; {hint}")
+
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         cfg = self.cfg
         res = {}
@@ -497,6 +646,8 @@ class Trainer:
         cfg = self.cfg
         while self.epoch < cfg.epochs:
             row = self.train_epoch()
+            if not self._weights_finite():  # same weights on every rank: all stop together
+                self._diverged("the weights are not finite at the end of the epoch")
             if self.rank == 0 and self.test_sets:
                 t = time.perf_counter()
                 row["test"] = self.evaluate()
@@ -504,7 +655,7 @@ class Trainer:
             self.epoch += 1
             self.history.append(row)
             if self.rank == 0:
-                if cfg.progress:
+                if cfg.verbose:
                     print(self._summary(row), flush=True)
                 if self.out is not None:
                     self._write_logs()
@@ -539,6 +690,13 @@ class Trainer:
         for r in rows:
             w.writerow(r)
         _atomic_write_text(os.path.join(self.out, "log.csv"), buf.getvalue())
+
+
+def _tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # pragma: no cover - closed or replaced stderr
+        return False
 
 
 def _version() -> str:
