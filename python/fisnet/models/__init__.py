@@ -5,6 +5,12 @@ All are ReLU-only networks in the torchvision module layout, so LRP-Flex (which 
 arguments ``num_classes=10`` and ``in_channels=3``; every model has ``model.lds_layers``, a tuple
 of module names (keys of ``dict(model.named_modules())``) whose outputs are the default LDS layers.
 
+Pretrained weights: every builder takes ``weights=PATH``, a state dict in torchvision's format and
+names (``.pth``/``.pt``, read with ``torch.load(weights_only=True)``; ``.safetensors`` with the
+safetensors package). A classifier of another shape (``model.classifier_modules``) keeps its fresh
+initialisation, with a warning; any other mismatch is a ``ValueError`` listing the keys
+(see :mod:`fisnet.models.weights`).
+
 >>> from fisnet import models
 >>> net = models.build("resnet18", num_classes=2, in_channels=1)
 >>> models.default_lds_layers(net)
@@ -20,10 +26,12 @@ from .densenet import DenseNet, densenet121
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from .small import SmallCNN, small_cnn
 from .vgg import VGG, vgg11, vgg11_bn, vgg16, vgg16_bn
+from .weights import WeightsReport, load_weights, read_state_dict
 
 __all__ = ["build", "names", "default_lds_layers", "ResNet", "BasicBlock", "Bottleneck",
            "DenseNet", "VGG", "SmallCNN", "resnet18", "resnet34", "resnet50", "densenet121",
-           "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "small_cnn"]
+           "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "small_cnn",
+           "load_weights", "read_state_dict", "WeightsReport"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
@@ -45,7 +53,8 @@ def names() -> Tuple[str, ...]:
 
 def build(name: str, **kwargs) -> nn.Module:
     """Build the backbone ``name`` (see :func:`names`) with the builder's keyword arguments,
-    e.g. ``build("vgg11_bn", num_classes=2, in_channels=1)``."""
+    e.g. ``build("vgg11_bn", num_classes=2, in_channels=1)`` or
+    ``build("resnet18", num_classes=2, weights="resnet18.pth")``."""
     key = str(name).lower().replace("-", "_")
     if key not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names())}")

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .weights import with_weights
+
 __all__ = ["DenseNet", "densenet121"]
 
 
@@ -84,6 +86,8 @@ class _Transition(nn.Sequential):
 
 class DenseNet(nn.Module):
     """torchvision-style DenseNet-BC. ``lds_layers`` names the default LDS layers."""
+
+    classifier_modules = ("classifier",)
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0,
@@ -141,7 +145,7 @@ class DenseNet(nn.Module):
 
 
 def densenet121(*, num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
-                drop_rate: float = 0.0) -> DenseNet:
+                drop_rate: float = 0.0, weights=None) -> DenseNet:
     """DenseNet-121: growth 32, blocks (6, 12, 24, 16), 64 initial features."""
-    return DenseNet(32, (6, 12, 24, 16), 64, num_classes=num_classes, in_channels=in_channels,
-                    small_input=small_input, drop_rate=drop_rate)
+    return with_weights(DenseNet(32, (6, 12, 24, 16), 64, num_classes=num_classes, in_channels=in_channels,
+                                 small_input=small_input, drop_rate=drop_rate), weights)

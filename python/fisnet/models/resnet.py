@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ._init import kaiming_init
+from .weights import with_weights
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50"]
 
@@ -106,6 +107,7 @@ class ResNet(nn.Module):
     """torchvision-style ResNet. ``lds_layers`` names the default LDS layers."""
 
     lds_layers = ("layer1", "layer2", "layer3", "layer4")
+    classifier_modules = ("fc",)
 
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int],
                  num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
@@ -166,21 +168,21 @@ class ResNet(nn.Module):
 
 
 def resnet18(*, num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
-             zero_init_residual: bool = False) -> ResNet:
+             zero_init_residual: bool = False, weights=None) -> ResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2])."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels,
-                  small_input=small_input, zero_init_residual=zero_init_residual)
+    return with_weights(ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels,
+                               small_input=small_input, zero_init_residual=zero_init_residual), weights)
 
 
 def resnet34(*, num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
-             zero_init_residual: bool = False) -> ResNet:
+             zero_init_residual: bool = False, weights=None) -> ResNet:
     """ResNet-34 (BasicBlock, [3, 4, 6, 3])."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
-                  small_input=small_input, zero_init_residual=zero_init_residual)
+    return with_weights(ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
+                               small_input=small_input, zero_init_residual=zero_init_residual), weights)
 
 
 def resnet50(*, num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
-             zero_init_residual: bool = False) -> ResNet:
+             zero_init_residual: bool = False, weights=None) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3])."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
-                  small_input=small_input, zero_init_residual=zero_init_residual)
+    return with_weights(ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
+                               small_input=small_input, zero_init_residual=zero_init_residual), weights)

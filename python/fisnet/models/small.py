@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ._init import kaiming_init
+from .weights import with_weights
 
 __all__ = ["SmallCNN", "small_cnn"]
 
@@ -38,6 +39,7 @@ def _conv(cin: int, cout: int, batchnorm: bool) -> List[nn.Module]:
 
 class SmallCNN(nn.Module):
     lds_layers = ("block1", "block2", "block3")
+    classifier_modules = ("fc",)
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32,
                  batchnorm: bool = True) -> None:
@@ -64,7 +66,7 @@ class SmallCNN(nn.Module):
 
 
 def small_cnn(*, num_classes: int = 10, in_channels: int = 3, width: int = 32,
-              batchnorm: bool = True) -> SmallCNN:
+              batchnorm: bool = True, weights=None) -> SmallCNN:
     """Small fast CNN (see module docstring)."""
-    return SmallCNN(num_classes=num_classes, in_channels=in_channels, width=width,
-                    batchnorm=batchnorm)
+    return with_weights(SmallCNN(num_classes=num_classes, in_channels=in_channels, width=width,
+                                 batchnorm=batchnorm), weights)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ._init import kaiming_init
+from .weights import with_weights
 
 __all__ = ["VGG", "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "CFGS"]
 
@@ -54,6 +55,8 @@ def make_layers(cfg: Sequence[Union[str, int]], batch_norm: bool, in_channels: i
 class VGG(nn.Module):
     """VGG with a small-image head. ``lds_layers`` names the default LDS layers."""
 
+    classifier_modules = ("classifier",)
+
     def __init__(self, features: nn.Sequential, num_classes: int = 10, hidden: int = 512,
                  dropout: float = 0.5) -> None:
         super().__init__()
@@ -81,33 +84,33 @@ class VGG(nn.Module):
 
 
 def _vgg(cfg: str, batch_norm: bool, num_classes: int, in_channels: int, hidden: int,
-         dropout: float) -> VGG:
+         dropout: float, weights=None) -> VGG:
     if num_classes < 1 or in_channels < 1:
         raise ValueError(f"num_classes and in_channels must be >= 1, got "
                          f"{num_classes} and {in_channels}")
-    return VGG(make_layers(CFGS[cfg], batch_norm, in_channels), num_classes=num_classes,
-               hidden=hidden, dropout=dropout)
+    return with_weights(VGG(make_layers(CFGS[cfg], batch_norm, in_channels), num_classes=num_classes,
+                            hidden=hidden, dropout=dropout), weights)
 
 
 def vgg11(*, num_classes: int = 10, in_channels: int = 3, hidden: int = 512,
-          dropout: float = 0.5) -> VGG:
+          dropout: float = 0.5, weights=None) -> VGG:
     """VGG-11 (config "A"), no BatchNorm."""
-    return _vgg("A", False, num_classes, in_channels, hidden, dropout)
+    return _vgg("A", False, num_classes, in_channels, hidden, dropout, weights)
 
 
 def vgg11_bn(*, num_classes: int = 10, in_channels: int = 3, hidden: int = 512,
-             dropout: float = 0.5) -> VGG:
+             dropout: float = 0.5, weights=None) -> VGG:
     """VGG-11 (config "A") with BatchNorm after every conv."""
-    return _vgg("A", True, num_classes, in_channels, hidden, dropout)
+    return _vgg("A", True, num_classes, in_channels, hidden, dropout, weights)
 
 
 def vgg16(*, num_classes: int = 10, in_channels: int = 3, hidden: int = 512,
-          dropout: float = 0.5) -> VGG:
+          dropout: float = 0.5, weights=None) -> VGG:
     """VGG-16 (config "D"), no BatchNorm."""
-    return _vgg("D", False, num_classes, in_channels, hidden, dropout)
+    return _vgg("D", False, num_classes, in_channels, hidden, dropout, weights)
 
 
 def vgg16_bn(*, num_classes: int = 10, in_channels: int = 3, hidden: int = 512,
-             dropout: float = 0.5) -> VGG:
+             dropout: float = 0.5, weights=None) -> VGG:
     """VGG-16 (config "D") with BatchNorm after every conv."""
-    return _vgg("D", True, num_classes, in_channels, hidden, dropout)
+    return _vgg("D", True, num_classes, in_channels, hidden, dropout, weights)
