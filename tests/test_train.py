@@ -122,6 +122,8 @@ def _ddp_worker(rank, world, port, out):
     t.fit()
     if rank == 0:
         torch.save(t.model.state_dict(), out)
+        with open(out + ".json", "w") as f:
+            json.dump([r["train_loss"] for r in t.history], f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -136,6 +138,9 @@ def test_ddp_two_processes_match_single(tmp_path):
     single.fit()
     ref = single.model.state_dict()
     got = torch.load(out)
+    # the logged loss is the mean over both ranks' half-batches = the single process's loss
+    with open(out + ".json") as f:
+        assert json.load(f) == pytest.approx([r["train_loss"] for r in single.history], rel=1e-5)
     moved = False
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-6, msg=k)

@@ -9,7 +9,13 @@ Each epoch the trainer evaluates every test set (accuracy and the background rel
 ``fisnet.metrics``), appends a row to ``log.json`` / ``log.csv`` in the run folder and writes
 ``checkpoint.pt`` atomically (a temporary file, then ``os.replace``). The checkpoint holds the
 model, the optimizer (and AMP scaler), the number of finished epochs, the RNG states (torch,
-CUDA, numpy, python, the ISNet generator), the cuts, the config and the log history.
+CUDA, numpy, python, the ISNet generator), the cuts, the config and the log history — tensors and
+plain Python types only: every checkpoint is loaded with ``torch.load(weights_only=True)``
+(:func:`load_checkpoint`), so a file holding any other pickled object is refused before it can
+run code. A folder that already holds a run is refused unless ``resume`` (or ``overwrite``);
+a resumed run must keep its config (:data:`RESUME_FREE` lists what may change). A non-finite
+loss, gradient norm or weight stops training with :class:`TrainingDivergedError`, leaving the
+last finite checkpoint in place.
 ``resume=True`` continues from it: the data order of epoch e is a function of (seed, e) only
 (a ``DistributedSampler`` reshuffled with ``set_epoch``), so a run killed mid-way and resumed
 ends with the same weights as an uninterrupted run with the same seed (bit for bit on CPU;
@@ -593,6 +599,12 @@ class Trainer:
                                 img_s=f"{n_seen * self.world / max(dt, 1e-9):.0f}")
         if bar is not None:
             bar.close()
+        if self.world > 1:  # log the means over every rank's batches, not rank 0's share
+            keys = sorted(sums)
+            buf = torch.tensor([sums[k] for k in keys] + [float(n_steps)], dtype=torch.float64, device=self.device)
+            _dist().all_reduce(buf)
+            sums = dict(zip(keys, buf[:-1].tolist()))
+            n_steps = int(buf[-1].item())
         dt = time.perf_counter() - t0
         row = {"epoch": e + 1, "P": P, "time_s": dt, "images_per_s": n_seen * self.world / max(dt, 1e-9)}
         for k, v in sums.items():
