@@ -110,6 +110,21 @@ def test_float_image_out_of_range_needs_window(tmp_path):
     assert torch.allclose(x, torch.full_like(x, 0.5))
 
 
+def test_int32_image_16bit_values_and_out_of_range(tmp_path):
+    from fisnet.data import ImageMaskFolder
+    os.makedirs(tmp_path / "images" / "a")
+    os.makedirs(tmp_path / "masks" / "a")
+    ramp = _ramp16().astype(np.int32)
+    Image.fromarray(ramp).save(tmp_path / "images" / "a" / "x.tif")
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "masks" / "a" / "x.png")
+    assert Image.open(tmp_path / "images" / "a" / "x.tif").mode == "I"
+    x, _, _ = ImageMaskFolder(str(tmp_path), channels=1)[0]
+    np.testing.assert_allclose(x[0].numpy(), ramp / 65535.0, atol=1e-6)
+    Image.fromarray(ramp * 4).save(tmp_path / "images" / "a" / "x.tif")
+    with pytest.raises(ValueError, match=r"x\.tif.*window"):
+        ImageMaskFolder(str(tmp_path), channels=1)[0]
+
+
 def test_dicom_without_pydicom_is_a_clear_error(tmp_path):
     from fisnet.data import ImageMaskFolder
     if __import__("importlib").util.find_spec("pydicom") is not None:

@@ -148,11 +148,11 @@ def read_image_array(path: str, channels: int, window=None) -> np.ndarray:
                     raise ValueError(f"float image {path} has values in [{np.nanmin(arr):g}, {np.nanmax(arr):g}], "
                                      f"outside [0, 1]: give a window (--window LO,HI)")
         else:  # 8-bit modes: PIL's own conversion (luma weights, palette, alpha dropped)
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float64)
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)  # x / 255 as before
             lo, hi = 0.0, 255.0
     if window is not None:
         lo, hi = window
-    out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out = np.clip((arr - arr.dtype.type(lo)) / arr.dtype.type(hi - lo), 0.0, 1.0).astype(np.float32)
     if out.ndim == 2:
         out = out[:, :, None]
     if out.shape[-1] == 1 and channels == 3:
