@@ -16,6 +16,7 @@ heatmaps.  `explain(...)` is the user-facing one-call form.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -26,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 import fisnet_ext
 
+from . import optable
 from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, zb_relevance
 from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
 from .zplus import LayerRecord, ZPlusTap
@@ -85,16 +87,44 @@ def check_activations(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class _FirstLayer:
+class _ZbLayer:
+    """A conv/linear call that reads the model input directly: the Zb rule applies there."""
+
     layer: LinearLayer
-    input: torch.Tensor
+    input: torch.Tensor  # what the layer read: the input (or a full view of it), or F.pad of it
     output: torch.Tensor
+    pad: Optional[tuple] = None  # (pad, mode, value) when the layer read F.pad(input, ...)
     bn: Optional[dict] = None
     bn_output: Optional[torch.Tensor] = None
+    relu_output: Optional[torch.Tensor] = None
+    version: int = 0  # of the layer (BN) output when recorded
+    other_uses: List[str] = field(default_factory=list)  # functions other than one ReLU that read the output
+
+    @property
+    def neuron(self) -> torch.Tensor:
+        """The layer's output as the next op sees it (after the BatchNorm folded into it)."""
+        return self.bn_output if self.bn_output is not None else self.output
+
+    @property
+    def target(self) -> torch.Tensor:
+        """Where R_out is taken: the ReLU that follows directly, else the layer (BN) output."""
+        return self.relu_output if self.relu_output is not None else self.neuron
+
+
+@dataclass
+class _LDSEntry:
+    """An LDS layer's output; `pre`/`edge` hold its value and autograd edge when a later op
+    modifies it in place (the map is then that of the tensor the layer returned)."""
+
+    tensor: torch.Tensor
+    version: int
+    pre: Optional[torch.Tensor] = None
+    edge: object = None
 
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_PAD_ARGS = ("input", "pad", "mode", "value")
 
 
 def _call_args(names, args, kwargs) -> dict:
@@ -113,55 +143,109 @@ def _make_layer(kind: str, vals: dict) -> LinearLayer:
         return tuple(v) if isinstance(v, (tuple, list)) else (v,) * max(nd, 1)
 
     padding = vals.get("padding", 0)
+    pad = None
+    dil = tup(vals.get("dilation"), 1)
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
-        else:  # "same" (stride 1)
+        elif padding == "same":  # PyTorch's split: left = total // 2, the rest on the right
             k = vals["weight"].shape[2:]
-            dil = tup(vals.get("dilation"), 1)
-            padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dil, k))
+            total = [d * (kk - 1) for d, kk in zip(dil, k)]
+            left = [t // 2 for t in total]
+            if all(t == 2 * lft for t, lft in zip(total, left)):
+                padding = tuple(left)
+            else:
+                padding = 0
+                pad = tuple(v for t, lft in zip(reversed(total), reversed(left)) for v in (lft, t - lft))
+        else:
+            raise ValueError(f"unknown conv padding {padding!r}")
     return LinearLayer(kind, vals["weight"], vals.get("bias"), tup(vals.get("stride"), 1), tup(padding, 0),
-                       tup(vals.get("dilation"), 1), int(vals.get("groups", 1) or 1))
+                       dil, int(vals.get("groups", 1) or 1), pad)
+
+
+def _tensors(obj):
+    """The tensors among a call's arguments (one level of lists/tuples, as torch ops take them)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            if isinstance(o, torch.Tensor):
+                yield o
+            elif isinstance(o, (list, tuple)):
+                for p in o:
+                    if isinstance(p, torch.Tensor):
+                        yield p
 
 
 class _Interceptor(TorchFunctionMode):
-    def __init__(self, eps, switch, backend, record_first, first_weight=None, zswitch=None):
+    """The trace's view of a forward pass: ReLUs become `fisnet_ext.lrp_relu`, convs and
+    training BatchNorms their traced forms, Zb layers are recorded, and every other function
+    applied to an input-dependent tensor is checked against the op table (fisnet.optable)."""
+
+    def __init__(self, eps, switch, backend, x_in, zb, zb_read=None, first_weight=None, zswitch=None):
         super().__init__()
         self.zswitch = zswitch  # set for the Dual ISNet: conv/linear outputs get z⁺ taps
         self.records: List[LayerRecord] = []
         self.eps = eps
         self.switch = switch
         self.backend = backend
-        self.recording = record_first
+        self.x_in = x_in
+        self.zb = zb
+        self.zb_read = zb_read  # the tensor a Zb layer gets in place of the input it read
         self.first_weight = first_weight  # a Parameter, when the user named the Zb layer
-        self.first: Optional[_FirstLayer] = None
-        self.relu0_output: Optional[torch.Tensor] = None
+        self.zb_layers: List[_ZbLayer] = []
+        self._zb_by_out: Dict[int, _ZbLayer] = {}
+        self._pads: Dict[int, tuple] = {}
+        self._taint: Dict[int, weakref.ref] = {id(x_in): weakref.ref(x_in)}
+        self.watch: Dict[int, _LDSEntry] = {}  # LDS outputs, filled by the forward hooks
         self.n_relu = 0
         self.act_bytes = 0  # the largest ReLU output per image, in bytes (sizes the seed chunks)
 
+    # -- input dependence -----------------------------------------------------------------
+    def _tainted(self, t) -> bool:
+        r = self._taint.get(id(t))
+        return r is not None and r() is t
+
+    def _mark(self, out) -> None:
+        for o in _tensors(out):
+            self._taint[id(o)] = weakref.ref(o)
+
+    def _reads_input(self, t) -> Optional[tuple]:
+        """(pad spec or None) when `t` is the model input, a full contiguous view of it, or F.pad of it."""
+        x = self.x_in
+        if t is x:
+            return (None,)
+        if not isinstance(t, torch.Tensor):
+            return None
+        if (t.numel() == x.numel() and t.dtype == x.dtype and t.device == x.device and t.numel() > 0
+                and t.data_ptr() == x.data_ptr() and t.is_contiguous() and x.is_contiguous()):
+            return (None,)
+        p = self._pads.get(id(t))
+        if p is not None and p[0] is t:
+            return (p[1],)
+        return None
+
+    # -- the mode -------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.watch and args:
+            self._before_inplace(func, args, kwargs)
         if func in RELU_FUNCS:
-            x = args[0] if args else kwargs["input"]
-            inplace = func in INPLACE_RELU_FUNCS or (func is F.relu and bool(
-                args[1] if len(args) > 1 else kwargs.get("inplace", False)))
-            if inplace:
-                y = fisnet_ext.lrp_relu_(x, self.eps, self.switch, self.backend)
-            else:
-                y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
-            self.n_relu += 1
-            if y.dim() > 0 and y.shape[0] > 0:
-                self.act_bytes = max(self.act_bytes, y.numel() // y.shape[0] * y.element_size())
-            if self.recording and self.first is not None:
-                src = self.first.bn_output if self.first.bn_output is not None else self.first.output
-                if x is src:
-                    self.relu0_output = y
-                    self.recording = False
-            return y
+            return self._relu(func, args, kwargs)
         if func in UNSUPPORTED_FUNCS:
             raise UnsupportedActivationError(
-                f"the model's forward calls {UNSUPPORTED_FUNCS[func]}: LRP-Flex (and so fisnet) supports ReLU "
-                f"networks only; replace it with F.relu / nn.ReLU, or return logits rather than probabilities.")
+                f"the model's forward calls {UNSUPPORTED_FUNCS[func]}: fisnet has no LRP rule for it yet "
+                f"(ReLU networks only); replace it with F.relu / nn.ReLU, or return logits rather than probabilities.")
+        zb_rec = None
+        if self._zb_by_out:
+            self._note_zb_use(func, args, kwargs)
+        if func in CONV_FUNCS and self.zb:
+            vals = _call_args(_CONV_ARGS, args, kwargs)
+            read = self._reads_input(vals.get("input"))
+            if read is not None and (self.first_weight is None or vals.get("weight") is self.first_weight):
+                zb_rec = _ZbLayer(_make_layer(CONV_FUNCS[func], vals), vals["input"], None, pad=read[0])
+                vals["input"] = self.zb_read(vals["input"])
+                args, kwargs = (), vals
         if func in TRACED_CONV_FUNCS:
             out = traced_conv(func, args, kwargs, (self.switch, self.zswitch))
         elif func is F.batch_norm and TRACED_BATCH_NORM:
@@ -170,9 +254,109 @@ class _Interceptor(TorchFunctionMode):
             out = func(*args, **kwargs)
         if self.zswitch is not None:
             out = self._tap(func, args, kwargs, out)
-        if self.recording:
-            self._record(func, args, kwargs, out)
+        if zb_rec is not None:
+            zb_rec.output = out
+            zb_rec.version = out._version
+            self.zb_layers.append(zb_rec)
+            self._zb_by_out[id(out)] = zb_rec
+        elif func is F.batch_norm and self._zb_by_out:
+            x = args[0] if args else kwargs["input"]
+            rec = self._zb_by_out.get(id(x))
+            if rec is not None and rec.output is x and rec.bn is None:
+                rec.bn = _call_args(_BN_ARGS, args, kwargs)
+                rec.bn_output = out
+                rec.version = out._version
+                self._zb_by_out[id(out)] = rec
+        elif func is F.pad and self.zb:
+            vals = _call_args(_PAD_ARGS, args, kwargs)
+            if self._reads_input(vals.get("input")) == (None,):
+                self._pads[id(out)] = (out, (tuple(vals["pad"]), vals.get("mode", "constant") or "constant",
+                                             vals.get("value", None)))
+        self._check(func, args, kwargs, out)
         return out
+
+    def _note_zb_use(self, func, args, kwargs) -> None:
+        """Record which functions read a Zb layer's output (its BatchNorm and ReLU excepted)."""
+        for t in list(_tensors(args)) + list(_tensors(list(kwargs.values()))):
+            rec = self._zb_by_out.get(id(t))
+            if rec is None or rec.neuron is not t or rec.relu_output is t:  # (an in-place ReLU's output)
+                continue
+            if func is F.batch_norm and rec.bn is None and rec.output is t:
+                continue
+            if getattr(func, "__name__", "") in ("__get__", "size", "dim"):
+                continue
+            rec.other_uses.append(optable.func_name(func))
+
+    def _relu(self, func, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        inplace = func in INPLACE_RELU_FUNCS or (func is F.relu and bool(
+            args[1] if len(args) > 1 else kwargs.get("inplace", False)))
+        if inplace:
+            y = fisnet_ext.lrp_relu_(x, self.eps, self.switch, self.backend)
+        else:
+            y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
+        self.n_relu += 1
+        if y.dim() > 0 and y.shape[0] > 0:
+            self.act_bytes = max(self.act_bytes, y.numel() // y.shape[0] * y.element_size())
+        rec = self._zb_by_out.get(id(x))
+        if rec is not None and rec.neuron is x:
+            if rec.relu_output is None and not rec.other_uses:
+                rec.relu_output = y
+            else:
+                rec.other_uses.append(optable.func_name(func))
+        if self._tainted(x):
+            self._mark(y)
+        return y
+
+    def _before_inplace(self, func, args, kwargs) -> None:
+        """Keep the value and autograd edge of an LDS output before an op modifies it in place."""
+        t = args[0]
+        e = self.watch.get(id(t))
+        if e is None or e.tensor is not t or e.pre is not None:
+            return
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or func in INPLACE_RELU_FUNCS \
+                or (func is F.relu and bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))):
+            e.pre = t.clone()
+            e.edge = torch.autograd.graph.get_gradient_edge(t)
+
+    def _check(self, func, args, kwargs, out) -> None:
+        """Follow input dependence, and refuse a non-linear function without a rule (fisnet.optable)."""
+        tainted = [t for t in _tensors(args) if self._tainted(t)]
+        tainted += [t for t in _tensors(list(kwargs.values())) if self._tainted(t)]
+        if not tainted:
+            return
+        outs = [o for o in _tensors(out) if o.is_floating_point() and o.requires_grad]
+        if not outs:
+            return  # indices, shapes, booleans, detached values: no relevance flows through them
+        if func in optable.LINEAR or getattr(func, "__name__", "") == "__get__":
+            return self._mark(out)
+        if func in optable.RULES:
+            other = args[1] if len(args) > 1 else kwargs.get("other")
+            if func in optable.REDUCTIONS and isinstance(other, torch.Tensor):
+                self._refuse(func, "an element-wise maximum of two tensors is not pooling")
+            return self._mark(out)
+        if func in optable.PRODUCTS:
+            if len(tainted) >= 2:
+                self._refuse(func, "a product of two input-dependent tensors (a gate, attention) has no rule yet")
+            return self._mark(out)
+        if func in optable.DIVISIONS:
+            divisor = args[1] if len(args) > 1 else kwargs.get("other")
+            if isinstance(divisor, torch.Tensor) and self._tainted(divisor):
+                self._refuse(func, "a division by an input-dependent tensor has no rule")
+            return self._mark(out)
+        if func in optable.NO_RULE:
+            self._refuse(func, optable.hint(optable.func_name(func)))
+        raise UnsupportedActivationError(
+            f"the model's forward calls {optable.func_name(func)} on an input-dependent tensor, and fisnet's op "
+            "table (fisnet.optable, docs/method.md) does not list it, so fisnet cannot tell whether it is linear. "
+            "If it is linear in its tensor inputs, declare it with fisnet.register_linear(func) before explaining; "
+            "otherwise rewrite the model without it.")
+
+    def _refuse(self, func, why: str):
+        raise UnsupportedActivationError(
+            f"the model's forward calls {optable.func_name(func)}: it is non-linear and fisnet has no LRP rule for "
+            f"it ({why}). Refused rather than treated as linear (docs/method.md lists the op table).")
 
     def _tap(self, func, args, kwargs, out):
         if func in CONV_FUNCS:
@@ -181,26 +365,17 @@ class _Interceptor(TorchFunctionMode):
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
             tapped._fisnet_tap = rec
+            rec.tapped = tapped
             return tapped
         if func is F.batch_norm and self.records:
             x = args[0] if args else kwargs["input"]
             rec = self.records[-1]
             if getattr(x, "_fisnet_tap", None) is rec and rec.bn is None:
                 rec.bn = _call_args(_BN_ARGS, args, kwargs)
-                return ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
+                out = ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
+                rec.bn_tapped = out
+                return out
         return out
-
-    def _record(self, func, args, kwargs, out):
-        if func in CONV_FUNCS:
-            vals = _call_args(_CONV_ARGS, args, kwargs)
-            if self.first is None and (self.first_weight is None or vals["weight"] is self.first_weight):
-                self.first = _FirstLayer(_make_layer(CONV_FUNCS[func], vals), vals["input"], out)
-        elif func is F.batch_norm and self.first is not None and self.first.bn is None:
-            x = args[0] if args else kwargs["input"]
-            if x is self.first.output:
-                self.first.bn = _call_args(_BN_ARGS, args, kwargs)
-                self.first.bn_output = out
-
 
 @dataclass
 class LRPTrace:
@@ -212,10 +387,9 @@ class LRPTrace:
     eps: float
     zb: bool
     bounds: object
-    layer_outputs: Dict[str, torch.Tensor] = field(default_factory=dict)
-    first: Optional[_FirstLayer] = None
-    relu0_output: Optional[torch.Tensor] = None
-    x_leaf: Optional[torch.Tensor] = None
+    layer_outputs: Dict[str, _LDSEntry] = field(default_factory=dict)
+    zb_layers: List[_ZbLayer] = field(default_factory=list)
+    x_in: Optional[torch.Tensor] = None  # the tensor the model read (the map's "x ⊙ G" term is taken there)
     zswitch: Optional[fisnet_ext.HeatmapSwitch] = None
     act_bytes: int = 0
 
@@ -245,34 +419,64 @@ class LRPTrace:
             raise RuntimeError("this trace was made without zplus=True; the Dual maps need it")
         q = self.logits.sum(1, keepdim=True)
         seeds = torch.ones((2,) + tuple(q.shape), dtype=q.dtype, device=q.device)
-        names, wrt = self._targets()
+        targets = self._targets()
         with torch.enable_grad(), self.switch.two_slots(), self.zswitch.two_slots():
-            grads = _batched_grad(q, wrt, create_graph, seeds)
-        return self._finish(names, wrt, [g.transpose(0, 1) for g in grads], q.shape[0], 2)
+            grads = _batched_grad(q, [t[1] for t in targets], create_graph, seeds)
+        return self._finish(targets, [g.transpose(0, 1) for g in grads], q.shape[0], 2, zplus_slots=(1,))
 
     def _targets(self):
-        names: List[str] = []
-        wrt: List[torch.Tensor] = []
+        """(name, where the gradient is taken, the value it multiplies) for each map."""
+        out = []
         if self.zb:
-            names.append("__relu0__")
-            wrt.append(self.relu0_output)
+            for i, rec in enumerate(self.zb_layers):
+                out.append((f"__zb{i}__", rec.target, rec.target))
+            out.append(("__x__", self.x_in, self.x_in))  # every other use of the input: x ⊙ G
         else:
-            names.append("input")
-            wrt.append(self.x_leaf)
-        for name, t in self.layer_outputs.items():
-            names.append(name)
-            wrt.append(t)
-        return names, wrt
+            out.append(("input", self.x_in, self.x_in))
+        for name, e in self.layer_outputs.items():
+            if e.pre is not None:  # modified in place later: the tensor the layer returned
+                out.append((name, e.edge, e.pre))
+            else:
+                out.append((name, e.tensor, e.tensor))
+            rec = getattr(e.tensor, "_fisnet_tap", None)
+            if self.zswitch is not None and rec is not None and rec.bn_tapped is not None:
+                # z⁺: a conv followed by BatchNorm is one folded layer; its relevance is that of
+                # the folded layer's outputs (the BatchNorm output)
+                out.append((f"__zp__{name}", rec.bn_tapped, rec.bn_tapped))
+        return out
 
-    def _finish(self, names, wrt, grads, B: int, M: int):
-        """Relevance a ⊙ G at each target; the Zb rule for the input."""
+    def _finish(self, targets, grads, B: int, M: int, zplus_slots=()):
+        """Relevance a ⊙ G at each target (z⁺ substitutes in the z⁺ slots); the Zb rule for the input."""
         out = {}
-        for name, a, g in zip(names, wrt, grads):
+        for (name, _, a), g in zip(targets, grads):
             if g is None:  # the explained quantity does not depend on this tensor
-                g = torch.zeros((B, M) + tuple(a.shape[1:]), dtype=a.dtype, device=a.device)
+                out[name] = None
+                continue
             out[name] = a.unsqueeze(1) * g
+        for name in list(out):
+            if name.startswith("__zp__"):
+                zp = out.pop(name)
+                base = name[len("__zp__"):]
+                if zp is not None and zplus_slots:
+                    eps_map = out[base]
+                    if eps_map is None:
+                        eps_map = torch.zeros_like(zp)
+                    parts = [zp[:, m:m + 1] if m in zplus_slots else eps_map[:, m:m + 1] for m in range(M)]
+                    out[base] = parts[0] if M == 1 else torch.cat(parts, dim=1)
         if self.zb:
-            out["input"] = self._zb(out.pop("__relu0__"))
+            r = out.pop("__x__")
+            for i, rec in enumerate(self.zb_layers):
+                r_out = out.pop(f"__zb{i}__")
+                if r_out is None:
+                    continue
+                zb = self._zb(rec, r_out)
+                r = zb if r is None else r + zb
+            out["input"] = r
+        for name, (_, _, a) in zip([t[0] for t in targets], targets):
+            if name in out and out[name] is None:
+                out[name] = torch.zeros((B, M) + tuple(a.shape[1:]), dtype=a.dtype, device=a.device)
+        if out.get("input") is None:
+            out["input"] = torch.zeros((B, M) + tuple(self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device)
         return {"input": out.pop("input"), **out}
 
     def relevance(self, q: torch.Tensor, create_graph: bool = False, retain_graph: Optional[bool] = None):
@@ -287,7 +491,9 @@ class LRPTrace:
             raise ValueError(f"quantities to explain must have shape (B, M) with B = {self.x.shape[0]}, "
                              f"got {tuple(q.shape)}")
         B, M = q.shape
-        names, wrt = self._targets()
+        targets = self._targets()
+        wrt = [t[1] for t in targets]
+        zp = () if lrp_switch else tuple(range(M))
         if retain_graph is None:
             retain_graph = True
         with torch.enable_grad(), (self.switch if lrp_switch else contextlib.nullcontext()):
@@ -303,21 +509,42 @@ class LRPTrace:
                 for c0 in range(0, M, chunk):
                     seeds = eye[c0:c0 + chunk].unsqueeze(1).expand(-1, B, M)
                     g = [g.transpose(0, 1) for g in _batched_grad(q, wrt, create_graph, seeds)]
-                    parts.append(self._finish(names, wrt, g, B, seeds.shape[0]))
+                    S = seeds.shape[0]
+                    parts.append(self._finish(targets, g, B, S, tuple(range(S)) if zp else ()))
                 return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
-        return self._finish(names, wrt, grads, B, M)
+        return self._finish(targets, grads, B, M, zp)
 
-    def _zb(self, r_out: torch.Tensor) -> torch.Tensor:
-        first = self.first
-        layer = first.layer if first.bn is None else fold_batchnorm_as_used(first.layer, first.bn, first.output)
-        a = first.input
-        low, high, low_b, high_b = bound_images(self.bounds, self.x)
-        if a.shape != self.x.shape:  # e.g. flattened input of a linear first layer
-            shape1 = (1,) + tuple(self.x.shape[1:])
-            low = low.expand(shape1).reshape((1,) + tuple(a.shape[1:]))
-            high = high.expand(shape1).reshape((1,) + tuple(a.shape[1:]))
+    def _zb(self, rec: _ZbLayer, r_out: torch.Tensor) -> torch.Tensor:
+        """The Zb rule from R_out at `rec`'s output to the input it read (mapped back through F.pad)."""
+        layer = rec.layer if rec.bn is None else fold_batchnorm_as_used(rec.layer, rec.bn, rec.output)
+        a = rec.input
+        x = self.x
+        low, high, low_b, high_b = bound_images(self.bounds, x)
+        shape1 = (1,) + tuple(x.shape[1:])
+        low, high = low.expand(shape1), high.expand(shape1)
+        if rec.pad is not None:  # the layer read F.pad(x): pad the bound images alike
+            pad, mode, value = rec.pad
+            low = F.pad(low, pad, mode=mode, value=value) if mode == "constant" else F.pad(low, pad, mode=mode)
+            high = F.pad(high, pad, mode=mode, value=value) if mode == "constant" else F.pad(high, pad, mode=mode)
+        elif a.shape != x.shape:  # e.g. flattened input of a linear first layer
+            low = low.reshape((1,) + tuple(a.shape[1:]))
+            high = high.reshape((1,) + tuple(a.shape[1:]))
+        if r_out.dim() == a.dim():  # only when a layer is followed by nothing that keeps its shape
+            r_out = r_out.unsqueeze(1)
         r = zb_relevance(layer, a, r_out, low, high, low_b, high_b, self.eps)
-        return r.reshape(r.shape[:2] + tuple(self.x.shape[1:]))
+        B, M = r.shape[:2]
+        if rec.pad is not None:  # relevance of the padded copies goes back to the pixels they copy
+            r = _pad_adjoint(r.reshape((B * M,) + tuple(a.shape[1:])), rec.pad, (B * M,) + tuple(x.shape[1:]))
+        return r.reshape((B, M) + tuple(x.shape[1:]))
+
+
+def _pad_adjoint(r: torch.Tensor, pad_spec, shape) -> torch.Tensor:
+    """The transpose of F.pad(·, pad, mode) applied to `r` (differentiable in r)."""
+    pad, mode, value = pad_spec
+    with torch.enable_grad():
+        probe = torch.zeros(shape, dtype=r.dtype, device=r.device, requires_grad=True)
+        padded = F.pad(probe, pad, mode=mode, value=value) if mode == "constant" else F.pad(probe, pad, mode=mode)
+        return torch.autograd.grad(padded, probe, r, create_graph=True)[0]
 
 
 def _batched_grad(q: torch.Tensor, wrt: List[torch.Tensor], create_graph: bool,
@@ -350,7 +577,9 @@ def _find_module(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _capture_outputs(model: nn.Module, names: Sequence[str], store: Dict[str, torch.Tensor]):
+def _capture_outputs(model: nn.Module, names: Sequence[str], store: Dict[str, "_LDSEntry"], mode: "_Interceptor"):
+    """Forward hooks that record each named module's output (removed on exit).  The trace watches
+    these tensors: an op that later modifies one in place makes it keep the returned value."""
     handles = []
     try:
         for name in names:
@@ -359,13 +588,30 @@ def _capture_outputs(model: nn.Module, names: Sequence[str], store: Dict[str, to
             def hook(_m, _inp, out, _name=name):
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"LDS layer {_name!r} returns {type(out).__name__}, not a tensor")
-                store[_name] = out
+                e = _LDSEntry(out, out._version)
+                store[_name] = e
+                mode.watch[id(out)] = e
 
             handles.append(mod.register_forward_hook(hook))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+class _HeatmapBlock(torch.autograd.Function):
+    """Identity; its backward passes the ordinary gradient and blocks heatmap backwards."""
+
+    @staticmethod
+    def forward(ctx, t, switches):
+        ctx.switches = switches
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        if any(s.active for s in ctx.switches):
+            return None, None
+        return g, None
 
 
 def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = True, bounds=(0.0, 1.0),
@@ -389,19 +635,27 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
         if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or first_weight is None:
             raise TypeError(f"zb_layer {zb_layer!r} is {type(mod).__name__}; it must be a Conv or Linear module")
     switch = fisnet_ext.HeatmapSwitch()
-    x_leaf = None
-    x_in = x
+    zswitch = fisnet_ext.HeatmapSwitch() if zplus else None
     params = list(model.parameters())
     frozen = not params or not all(p.requires_grad for p in params)
-    if not zb or frozen:
-        # the input itself needs grad when the map is taken there, or when frozen layers would
-        # leave the tensors the maps are taken at without a graph
-        x_leaf = x.detach().requires_grad_(True)
-        x_in = x_leaf
-    outputs: Dict[str, torch.Tensor] = {}
-    zswitch = fisnet_ext.HeatmapSwitch() if zplus else None
-    mode = _Interceptor(eps, switch, backend, record_first=zb, first_weight=first_weight, zswitch=zswitch)
-    with torch.enable_grad(), _capture_outputs(model, layers, outputs), mode:
+    # the map's x ⊙ G term is taken at the tensor the model reads: the caller's x when it carries
+    # a graph of its own (its ordinary gradient then still reaches it), else a fresh leaf
+    private = not (x.requires_grad and zb)
+    x_in = x.detach().requires_grad_(True) if private else x
+    # what a Zb layer reads in place of the input: a tensor whose gradient never reaches the input
+    # in a heatmap backward (the Zb rule gives that path's relevance).  When nobody needs the
+    # input's ordinary gradient and the weights carry the graph: the detached input (no
+    # input-gradient work at all); otherwise a gate that blocks heatmap backwards only.
+    switches = tuple(s for s in (switch, zswitch) if s is not None)
+    if private and not frozen:
+        def reader(t):
+            return t.detach()
+    else:
+        def reader(t):
+            return _HeatmapBlock.apply(t, switches)
+    outputs: Dict[str, _LDSEntry] = {}
+    mode = _Interceptor(eps, switch, backend, x_in, zb, zb_read=reader, first_weight=first_weight, zswitch=zswitch)
+    with torch.enable_grad(), _capture_outputs(model, layers, outputs, mode), mode:
         logits = model(x_in)
     outputs = {name: outputs[name] for name in layers if name in outputs}  # the order asked for
     if not isinstance(logits, torch.Tensor):
@@ -416,24 +670,34 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
     missing = [n for n in layers if n not in outputs]
     if missing:
         raise ValueError(f"LDS layers {missing} were not called during the forward pass")
+    for name, e in outputs.items():
+        if e.pre is None and e.tensor._version != e.version:
+            raise ValueError(f"LDS layer {name!r}: its output was modified in place later in the forward by an op "
+                             "fisnet could not intercept; name a module whose output is not modified in place "
+                             "(e.g. the enclosing block)")
     if zb:
-        first = mode.first
-        where = f"layer {zb_layer!r}" if zb_layer else "the first conv/linear layer"
-        if first is None:
-            raise ValueError(f"Zb rule: could not find {where} in the forward pass; name it with zb_layer=... "
-                             "or pass zb=False")
-        if mode.relu0_output is None:
-            raise ValueError(f"Zb rule: {where} (optionally followed by BatchNorm) is not followed directly by a "
-                             "ReLU; name the first layer with zb_layer=... or pass zb=False")
-        a = first.input
-        same = a.numel() == x.numel() and a.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-        if not same:
-            raise ValueError(f"Zb rule: {where} does not take the model input (its input has shape "
-                             f"{tuple(a.shape)}, the model input {tuple(x.shape)}); the Zb rule needs the "
-                             "bounded pixels: name the right layer with zb_layer=... or pass zb=False")
+        where = f"layer {zb_layer!r}" if zb_layer else "a conv/linear layer"
+        if not mode.zb_layers:
+            raise ValueError(f"Zb rule: no conv/linear call read the model input (or a view or F.pad of it)"
+                             + (f" through {where}" if zb_layer else "")
+                             + "; the Zb rule needs the bounded pixels. If the model transforms the input first "
+                             "(e.g. normalises it), move that out of the model and pass per-channel bounds, name "
+                             "the layer with zb_layer=..., or pass zb=False")
+        for rec in mode.zb_layers:
+            if rec.relu_output is not None and rec.other_uses:
+                raise ValueError(f"Zb rule: the output of a layer that reads the input goes to a ReLU and also to "
+                                 f"{rec.other_uses[0]}; fisnet takes the Zb rule's relevance at that ReLU only. Pass "
+                                 "zb=False, or name another first layer with zb_layer=...")
+            if rec.relu_output is None and any(u not in optable.LINEAR_NAMES for u in rec.other_uses):
+                bad = next(u for u in rec.other_uses if u not in optable.LINEAR_NAMES)
+                raise ValueError(f"Zb rule: a layer that reads the input (optionally followed by BatchNorm) is not "
+                                 f"followed directly by a ReLU but by {bad}; name the first layer with zb_layer=... "
+                                 "or pass zb=False")
+            if rec.relu_output is None and rec.neuron._version != rec.version:
+                raise ValueError("Zb rule: the output of a layer that reads the input is modified in place later in "
+                                 "the forward; write that op out of place, or pass zb=False")
     return LRPTrace(logits=logits, x=x, switch=switch, eps=eps, zb=zb, bounds=bounds, layer_outputs=outputs,
-                    first=mode.first if zb else None, relu0_output=mode.relu0_output, x_leaf=x_leaf,
-                    zswitch=zswitch, act_bytes=mode.act_bytes)
+                    zb_layers=mode.zb_layers if zb else [], x_in=x_in, zswitch=zswitch, act_bytes=mode.act_bytes)
 
 
 def select_logits(logits: torch.Tensor, target) -> torch.Tensor:

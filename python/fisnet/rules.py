@@ -26,6 +26,7 @@ class LinearLayer:
     padding: tuple = (0,)
     dilation: tuple = (1,)
     groups: int = 1
+    pad: Optional[tuple] = None  # extra zero padding in F.pad order (asymmetric "same" padding of even kernels)
 
     def forward(self, a: torch.Tensor, weight=None, bias=...) -> torch.Tensor:
         """The layer at `a`; `weight`/`bias` replace the layer's own (bias=None: no bias)."""
@@ -33,6 +34,8 @@ class LinearLayer:
         bias = self.bias if bias is ... else bias
         if self.kind == "linear":
             return F.linear(a, w, bias)
+        if self.pad is not None:
+            a = F.pad(a, self.pad)
         conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
         return conv(a, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -40,7 +43,16 @@ class LinearLayer:
         """Wᵀ s: the input-gradient of the layer with `weight`, applied to `s`."""
         if self.kind == "linear":
             return s.matmul(weight)
-        return conv_input_grad(s, weight, input_shape, self.stride, self.padding, self.dilation, self.groups)
+        if self.pad is None:
+            return conv_input_grad(s, weight, input_shape, self.stride, self.padding, self.dilation, self.groups)
+        shape = list(input_shape)
+        nd = weight.dim() - 2
+        for i in range(nd):  # F.pad order: the last dimension first
+            shape[-1 - i] += self.pad[2 * i] + self.pad[2 * i + 1]
+        g = conv_input_grad(s, weight, shape, self.stride, self.padding, self.dilation, self.groups)
+        for i in range(nd):
+            g = g.narrow(g.dim() - 1 - i, self.pad[2 * i], int(input_shape[-1 - i]))
+        return g
 
 
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -78,7 +90,7 @@ def fold_batchnorm(layer: LinearLayer, mean, var, gamma, beta, bn_eps: float) ->
     b = (b - mean) * scale
     if beta is not None:
         b = b + beta
-    return LinearLayer(layer.kind, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return LinearLayer(layer.kind, w, b, layer.stride, layer.padding, layer.dilation, layer.groups, layer.pad)
 
 
 def fold_batchnorm_as_used(layer: LinearLayer, bn: dict, conv_out: torch.Tensor) -> LinearLayer:

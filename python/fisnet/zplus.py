@@ -32,6 +32,8 @@ class LayerRecord:
     conv_out: Optional[torch.Tensor] = None
     bn: Optional[dict] = None
     is_logits: bool = False
+    tapped: Optional[torch.Tensor] = None  # the layer's output as the forward saw it (after its tap)
+    bn_tapped: Optional[torch.Tensor] = None  # the BatchNorm's output after its tap
 
 
 def folded(rec: LayerRecord) -> LinearLayer:
