@@ -62,7 +62,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .cuts import RelevanceStats, tune_cuts
 from .loss import ISNetLoss
-from .metrics import background_share, evaluate
+from .metrics import evaluate, relevance_metrics
 from .variants import ISNet, ISNetOutput
 
 __all__ = ["TrainConfig", "Trainer", "train", "load_checkpoint", "model_from_checkpoint", "atomic_save",
@@ -125,6 +125,9 @@ class TrainConfig:
     verbose: bool = True  # print one line per epoch (loss, accuracy); progress only controls the bars
     classes: Optional[List[str]] = None  # class names, label i = classes[i] (saved with the run)
     cli: Optional[Dict[str, Any]] = None  # the `fisnet train` options of the run (--resume reuses them)
+    run_name: str = ""  # shown in the progress bars
+    method: str = "isnet"  # "isnet" (P = 0: plain) | "rrr" (fisnet.baselines; P and the cuts are then unused)
+    rrr_lambda: float = 1.0  # RRR: weight of the background input-gradient penalty
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -364,7 +367,11 @@ class Trainer:
             for t in list(self.model.parameters()) + list(self.model.buffers()):
                 dist.broadcast(t.data, src=0)
 
-        self._needs_heatmaps = self._uses_heatmaps()
+        self.loss_fn = None  # a baseline's loss (fisnet.baselines) replaces the ISNet loss
+        if cfg.method != "isnet":
+            from .baselines import make_loss
+            self.loss_fn = make_loss(cfg)
+        self._needs_heatmaps = self._uses_heatmaps() and self.loss_fn is None
         resumed = False
         if resume and out is not None and os.path.isfile(os.path.join(out, CHECKPOINT)):
             self._load(os.path.join(out, CHECKPOINT))
@@ -539,7 +546,7 @@ class Trainer:
         e = self.epoch
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(e)
-        P = self.crit.p_at(e)
+        P = self.crit.p_at(e) if self.loss_fn is None else 0.0
         self.sampler.set_epoch(e)
         self.model.train()
         sums = {"loss": 0.0, "ce": 0.0, "background": 0.0, "foreground": 0.0}
@@ -549,7 +556,8 @@ class Trainer:
         if cfg.progress and self.rank == 0 and _tty():  # no bars in logs (output not a terminal)
             try:
                 from tqdm.auto import tqdm
-                it = bar = tqdm(self.loader, desc=f"epoch {e + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+                it = bar = tqdm(self.loader, desc=f"{cfg.run_name + ' ' if cfg.run_name else ''}epoch {e + 1}/{cfg.epochs}",
+                                leave=False, dynamic_ncols=True)
             except ImportError:  # pragma: no cover
                 pass
         t0 = time.perf_counter()
@@ -559,7 +567,9 @@ class Trainer:
             m = m.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             with self._autocast():
-                if P > 0:
+                if self.loss_fn is not None:  # a baseline's loss (fisnet.baselines)
+                    out, loss = None, self.loss_fn(self.model, x, y, m)
+                elif P > 0:
                     out = self.net(x, y)
                 else:
                     out = ISNetOutput(self.model(x), variant="plain")
@@ -583,7 +593,9 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.opt.step()
-            last = self.crit.last
+            last = (self.loss_fn or self.crit).last
+            if "rrr" in last:
+                sums["rrr"] = sums.get("rrr", 0.0) + float(last["rrr"])
             sums["loss"] += float(last["loss"])
             sums["ce"] += float(last["ce"])
             if last.get("background") is not None:
@@ -648,9 +660,9 @@ class Trainer:
         for name, data in self.test_sets.items():
             r = {"accuracy": evaluate(self.model, data, batch_size=cfg.eval_batch_size, device=self.device)}
             if cfg.eval_share:
-                r["background_share"] = background_share(self.model, data, cfg.eps, cfg.zb, bounds=tuple(cfg.bounds),
-                                                         batch_size=cfg.eval_batch_size, device=self.device,
-                                                         max_images=cfg.eval_share_max_images)
+                r.update(relevance_metrics(self.model, data, cfg.eps, cfg.zb, bounds=tuple(cfg.bounds),
+                                           batch_size=cfg.eval_batch_size, device=self.device,
+                                           max_images=cfg.eval_share_max_images))
             res[name] = r
         return res
 

@@ -40,6 +40,24 @@ Splits (``make_biased_digits``)
 
     Everything is deterministic given ``seed``.
 
+Two-digit numbers, 100 classes (``make_biased_numbers``; ``BiasConfig(num_digits=2)``)
+    Class ``n`` in 00..99 is the number written by two real handwritten digits side by side:
+    the tens digit (a source digit of label ``n // 10``) at columns ``b .. b+28`` and the ones
+    digit (label ``n % 10``) at ``b+28 .. b+56`` of a ``canvas`` x ``canvas + 28`` canvas
+    (default 36 x 64; the digit box is 28 x 56, the border band ``b = 4`` wide as above). The
+    mask is the union of both digits' dilated pixels, clipped to the digit box. Each class has
+    ONE marker, class-specific in pattern and position: its pattern is one of 100 distinct
+    ``marker_size`` x ``marker_size`` patterns (drawn once from a fixed generator, each at
+    least half on, pairwise Hamming distance >= 4), and its position is slot ``n % S`` of the
+    ``S`` non-overlapping slots spaced ``2 * marker_size`` apart (clockwise from the top-left
+    corner) around the border ring (S = 23 on the default canvas). Several classes share a
+    slot, never a pattern. The numbers are drawn from the same split of the 5000 source
+    digits: the training numbers only from the training digits, the test numbers only from
+    the test digits, with classes balanced (``n_train`` / 100 per class when divisible) and
+    the two digits of a number drawn at random among the source digits of their labels. The
+    three test sets are built as above (same test numbers; deceiving = the marker of a
+    uniformly drawn other class among the 99).
+
 Datasets
     Each split is a :class:`MaskedImageDataset` whose item ``i`` is ``(image, mask, label)``:
     image float32 (C, H, W) in [0, 1] (C = ``channels``, default 1 grey; 3 repeats the grey
@@ -63,7 +81,8 @@ from torch.utils.data import Dataset
 
 __all__ = ["BiasConfig", "MaskedImageDataset", "load_digits_source", "make_biased_digits",
            "make_biased_split", "make_biased_splits", "marker_patterns", "marker_positions",
-           "place_digits", "MODES", "DIGIT_SIZE"]
+           "place_digits", "MODES", "DIGIT_SIZE", "make_biased_numbers", "marker_slots",
+           "marker_layout"]
 
 DIGIT_SIZE = 28
 MODES = ("train", "biased", "unbiased", "deceiving")
@@ -94,6 +113,7 @@ class BiasConfig:
     threshold: float = 0.1
     mask: str = "dilated"  # "dilated" | "box"
     num_classes: int = 10
+    num_digits: int = 1  # 2: two-digit numbers side by side (100 classes), canvas widened by 28
 
     def __post_init__(self):
         border = (self.canvas - DIGIT_SIZE) // 2
@@ -114,7 +134,20 @@ class BiasConfig:
             raise ValueError(f"intensity must be in (0, 1], got {self.intensity}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        marker_positions(self.num_classes, self.canvas, self.marker_size)  # validates spacing
+        if self.num_digits not in (1, 2):
+            raise ValueError(f"num_digits must be 1 or 2, got {self.num_digits}")
+        if self.num_digits == 2 and self.num_classes != 100:
+            raise ValueError(f"two-digit numbers have 100 classes (00..99); got num_classes="
+                             f"{self.num_classes}: pass num_classes=100 with num_digits=2")
+        marker_layout(self)  # validates spacing
+
+    @property
+    def height(self) -> int:
+        return self.canvas
+
+    @property
+    def width(self) -> int:
+        return self.canvas + DIGIT_SIZE * (self.num_digits - 1)
 
     @property
     def border(self) -> int:
@@ -157,8 +190,8 @@ class MaskedImageDataset(Dataset):
         if self.config is None:
             raise ValueError("marker_masks() needs a dataset built with a BiasConfig")
         cfg = self.config
-        out = torch.zeros(len(self), 1, cfg.canvas, cfg.canvas)
-        pos = marker_positions(cfg.num_classes, cfg.canvas, cfg.marker_size)
+        out = torch.zeros(len(self), 1, cfg.height, cfg.width)
+        _, pos = marker_layout(cfg)
         s = cfg.marker_size
         for i, k in enumerate(self.markers.tolist()):
             if k >= 0:
@@ -208,11 +241,12 @@ def load_digits_source() -> Tuple[torch.Tensor, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- markers
 
-def marker_patterns(num_classes: int = 10, size: int = 4) -> torch.Tensor:
+def marker_patterns(num_classes: int = 10, size: int = 4, min_distance: int = 1) -> torch.Tensor:
     """(num_classes, size, size) bool: each class's marker pattern (fixed, seed-independent).
 
     For size 4 and <= 10 classes the hand-picked patterns in ``_PATTERNS_4``; otherwise
-    patterns drawn once from a fixed generator (each at least half on, all distinct)."""
+    patterns drawn once from a fixed generator (each at least half on, pairwise Hamming
+    distance >= ``min_distance``; 1 = merely distinct)."""
     if size == 4 and num_classes <= len(_PATTERNS_4):
         pats = [[[ch == "#" for ch in row] for row in p] for p in _PATTERNS_4[:num_classes]]
         return torch.tensor(pats, dtype=torch.bool)
@@ -230,7 +264,7 @@ def marker_patterns(num_classes: int = 10, size: int = 4) -> torch.Tensor:
         if tries > 100000:
             raise ValueError(f"cannot make {num_classes} distinct {size}x{size} patterns")
         p = rng.rand(size, size) < 0.65
-        if p.sum() < need or any((p == q).all() for q in found):
+        if p.sum() < need or any(int((p != q).sum()) < max(1, min_distance) for q in found):
             continue
         found.append(p)
     return torch.from_numpy(np.stack(found))
@@ -262,6 +296,46 @@ def marker_positions(num_classes: int, canvas: int, size: int) -> List[Tuple[int
     return out
 
 
+def marker_slots(height: int, width: int, size: int) -> List[Tuple[int, int]]:
+    """Top-left (row, col) of the non-overlapping marker slots of a ``height`` x ``width``
+    canvas: points spaced ``2 * size`` apart (so neighbouring markers are separated by a gap of
+    ``size``) clockwise from the top-left corner along the ring of the border band of width
+    ``size``."""
+    Lr, Lc = height - size, width - size
+    per = 2 * Lr + 2 * Lc
+    n = per // (2 * size)
+    out = []
+    for i in range(n):
+        t = int(round(i * per / n))
+        if t < Lc:
+            out.append((0, t))
+        elif t < Lc + Lr:
+            out.append((t - Lc, Lc))
+        elif t < 2 * Lc + Lr:
+            out.append((Lr, Lc - (t - Lc - Lr)))
+        else:
+            out.append((Lr - (t - 2 * Lc - Lr), 0))
+    for i in range(n):
+        for j in range(i + 1, n):
+            (r1, c1), (r2, c2) = out[i], out[j]
+            if abs(r1 - r2) < size and abs(c1 - c2) < size:  # pragma: no cover - geometry guard
+                raise ValueError(f"marker slots overlap on a {height}x{width} canvas")
+    return out
+
+
+def marker_layout(cfg: "BiasConfig") -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    """(patterns (K, s, s) bool, top-left (row, col) per class) of the markers under ``cfg``.
+
+    One digit: :func:`marker_patterns` and :func:`marker_positions` (one position per class).
+    Two digits: 100 patterns at pairwise Hamming distance >= 4 and position slot ``k % S`` of
+    :func:`marker_slots` (module docstring)."""
+    K, s = cfg.num_classes, cfg.marker_size
+    if cfg.num_digits == 1:
+        return marker_patterns(K, s), marker_positions(K, cfg.canvas, s)
+    slots = marker_slots(cfg.height, cfg.width, s)
+    return marker_patterns(K, s, min_distance=4), [slots[k % len(slots)] for k in range(K)]
+
+
 # ----------------------------------------------------------------------------- construction
 
 def _digits_to_float(images) -> torch.Tensor:
@@ -275,13 +349,23 @@ def _digits_to_float(images) -> torch.Tensor:
 
 
 def place_digits(images, cfg: BiasConfig = BiasConfig()) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Paste (N, 28, 28) digits (uint8 0..255, or float) in the canvas centre.
+    """Paste (N, 28, 28) digits (uint8 0..255, or float) in the canvas centre; with
+    ``cfg.num_digits == 2``, (N, 2, 28, 28) digit pairs side by side (tens, ones).
 
-    Returns grey canvases (N, 1, S, S) float in [0, 1] and masks (N, 1, S, S) float {0, 1}."""
-    digits = _digits_to_float(images)
-    n, S, b = digits.shape[0], cfg.canvas, cfg.border
-    canv = torch.zeros(n, 1, S, S)
-    canv[:, 0, b:b + DIGIT_SIZE, b:b + DIGIT_SIZE] = digits
+    Returns grey canvases (N, 1, H, W) float in [0, 1] and masks (N, 1, H, W) float {0, 1}."""
+    nd = cfg.num_digits
+    if nd == 1:
+        digits = _digits_to_float(images)[:, None]
+    else:
+        x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+        if x.ndim != 4 or tuple(x.shape[1:]) != (nd, DIGIT_SIZE, DIGIT_SIZE):
+            raise ValueError(f"expected digit pairs of shape (N, {nd}, 28, 28), got {tuple(x.shape)}")
+        digits = _digits_to_float(x.reshape(-1, DIGIT_SIZE, DIGIT_SIZE)).reshape(x.shape)
+    n, H, W, b = digits.shape[0], cfg.height, cfg.width, cfg.border
+    canv = torch.zeros(n, 1, H, W)
+    for j in range(nd):
+        c0 = b + j * DIGIT_SIZE
+        canv[:, 0, b:b + DIGIT_SIZE, c0:c0 + DIGIT_SIZE] = digits[:, j]
     fg = (canv > cfg.threshold).float()
     if cfg.mask == "box":
         rows = fg.amax(dim=(1, 3))  # (N, S)
@@ -294,14 +378,14 @@ def place_digits(images, cfg: BiasConfig = BiasConfig()) -> Tuple[torch.Tensor, 
     if cfg.dilation > 0:
         k = 2 * cfg.dilation + 1
         fg = F.max_pool2d(fg, kernel_size=k, stride=1, padding=cfg.dilation)
-    clip = torch.zeros(1, 1, S, S)
-    clip[..., b:b + DIGIT_SIZE, b:b + DIGIT_SIZE] = 1.0
+    clip = torch.zeros(1, 1, H, W)
+    clip[..., b:b + DIGIT_SIZE, b:b + nd * DIGIT_SIZE] = 1.0
     return canv, (fg * clip)
 
 
 def _stamp(canv: torch.Tensor, markers: torch.Tensor, cfg: BiasConfig) -> None:
-    pats = marker_patterns(cfg.num_classes, cfg.marker_size).float() * cfg.intensity
-    pos = marker_positions(cfg.num_classes, cfg.canvas, cfg.marker_size)
+    pats, pos = marker_layout(cfg)
+    pats = pats.float() * cfg.intensity
     s = cfg.marker_size
     for k in range(cfg.num_classes):
         idx = (markers == k).nonzero(as_tuple=True)[0]
@@ -314,7 +398,8 @@ def _stamp(canv: torch.Tensor, markers: torch.Tensor, cfg: BiasConfig) -> None:
 def make_biased_split(images, labels, mode: str, *, seed: int = 0,
                       config: Optional[BiasConfig] = None, name: Optional[str] = None,
                       **config_kw) -> MaskedImageDataset:
-    """One split from (N, 28, 28) digits and their labels with marker treatment ``mode``:
+    """One split from (N, 28, 28) digits (two digits: (N, 2, 28, 28) pairs) and their labels
+    with marker treatment ``mode``:
     "train" / "biased" / "val" (own class's marker), "unbiased" (none) or "deceiving" (a
     uniformly drawn different class's marker, from ``seed``). ``config`` or keyword
     arguments of :class:`BiasConfig` set the canvas and marker."""
@@ -390,3 +475,56 @@ def make_biased_digits(seed: int = 0, *, n_train: int = 4000, n_val: int = 0,
 # A class-style alias for users who prefer it.
 BiasedDigits = make_biased_digits
 __all__.append("BiasedDigits")
+
+
+def _pairs_for(labels_src: torch.Tensor, classes: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """(N, 2) indices into the source digits: for class n a random digit of label n // 10 and
+    one of label n % 10."""
+    out = torch.empty(classes.shape[0], 2, dtype=torch.long)
+    for j, part in enumerate((classes // 10, classes % 10)):
+        for d in range(10):
+            rows = (part == d).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            pool = (labels_src == d).nonzero(as_tuple=True)[0]
+            if pool.numel() == 0:
+                raise ValueError(f"no source digit of label {d} to build the numbers from; use more digits")
+            out[rows, j] = pool[torch.randint(0, pool.numel(), (rows.numel(),), generator=g)]
+    return out
+
+
+def make_biased_numbers(seed: int = 0, *, n_train: int = 10000, n_test: int = 1000,
+                        train_digits: int = 4000, test_digits: int = 1000,
+                        **config_kw) -> Dict[str, MaskedImageDataset]:
+    """The 100-class benchmark: biased two-digit numbers 00..99 (module docstring).
+
+    The 5000 source digits are permuted with ``seed``; the first ``train_digits`` build the
+    ``n_train`` training numbers, the next ``test_digits`` the ``n_test`` test numbers (so no
+    test digit is seen in training). Classes are balanced (number i has class i mod 100, then
+    the order is shuffled). Returns ``{"train", "biased", "unbiased", "deceiving"}``; keyword
+    arguments of :class:`BiasConfig` set canvas and marker (``num_digits=2, num_classes=100``
+    are implied)."""
+    config_kw = dict(config_kw)
+    config_kw.setdefault("num_digits", 2)
+    config_kw.setdefault("num_classes", 100)
+    cfg = BiasConfig(**config_kw)
+    if cfg.num_digits != 2:
+        raise ValueError("make_biased_numbers builds two-digit numbers: num_digits must be 2")
+    images, labels = load_digits_source()
+    n = images.shape[0]
+    if n_train < 1 or n_test < 1 or train_digits < 10 or test_digits < 10 or train_digits + test_digits > n:
+        raise ValueError(f"n_train={n_train}, n_test={n_test} must be >= 1 and train_digits={train_digits}, "
+                         f"test_digits={test_digits} must be >= 10 and fit in the {n} source digits")
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=g)
+    tr_src, te_src = perm[:train_digits], perm[train_digits:train_digits + test_digits]
+
+    def numbers(src, count):
+        cls = torch.arange(count) % cfg.num_classes
+        cls = cls[torch.randperm(count, generator=g)]
+        idx = src[_pairs_for(labels[src], cls, g)]  # (count, 2) source rows
+        return images[idx], cls
+
+    tr_x, tr_y = numbers(tr_src, n_train)
+    te_x, te_y = numbers(te_src, n_test)
+    return make_biased_splits(tr_x, tr_y, te_x, te_y, seed=seed, config=cfg)
