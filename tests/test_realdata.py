@@ -458,3 +458,55 @@ def test_cli_lr_schedule_cosine(tmp_path):
                "--out", tmp_path / "r", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["lr_schedule"] == "cosine"
+
+
+def _children(pid):
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_torchrun_workers_exit_when_launcher_is_killed(tmp_path):
+    ds = make_folder(tmp_path / "ds", n=4)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", FISNET_MALLOC_TUNING="0")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "fisnet", "train", "--folder", str(ds), *SMALL, "--P", "0", "--device", "cpu",
+                          "--epochs", "100000", "--out", str(run), "--no-progress"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers = []
+    try:
+        t0 = time.time()
+        while not (run / "checkpoint.pt").exists() and time.time() - t0 < 180 and p.poll() is None:
+            time.sleep(0.5)
+        assert (run / "checkpoint.pt").exists(), "the 2-process run did not start"
+        workers = _children(p.pid)
+        assert len(workers) == 2
+        p.kill()  # kill -9 the launcher
+        p.wait()
+        t0 = time.time()
+        while any(_alive(w) for w in workers) and time.time() - t0 < 60:
+            time.sleep(0.5)
+        assert not any(_alive(w) for w in workers), "workers outlived the torchrun launcher"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

@@ -253,6 +253,32 @@ def _world() -> int:
         return 1
 
 
+_WATCHDOG = []
+
+
+def _exit_with_launcher(poll_s: float = 1.0) -> None:
+    """Under torchrun: end this worker when the launcher dies (kill -9 of torchrun otherwise leaves
+    the workers running, blocked in a collective). A daemon thread polls the parent pid."""
+    if _WATCHDOG or not os.environ.get("TORCHELASTIC_RUN_ID") or os.name != "posix":
+        return
+    import signal
+    import threading
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"fisnet: rank {os.environ.get('RANK', '?')}: the torchrun launcher (pid {parent}) is gone; "
+                      f"exiting", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+                os._exit(143)
+    t = threading.Thread(target=watch, name="fisnet-launcher-watchdog", daemon=True)
+    t.start()
+    _WATCHDOG.append(t)
+
+
 def _flat(prefix: str, d: Mapping, out: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -311,6 +337,7 @@ class Trainer:
         self.world = _world()
         self.rank = 0
         if self.world > 1:
+            _exit_with_launcher()
             dist = _dist()
             if not dist.is_initialized():
                 backend = "nccl" if (torch.cuda.is_available() and cfg.device != "cpu") else "gloo"
