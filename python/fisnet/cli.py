@@ -299,7 +299,7 @@ def cmd_train(args) -> int:
     tr, tests, cin, K = _datasets(args)
     spec = _model_spec(args, cin, K)
     torch.manual_seed(args.seed)
-    model = _build(spec)
+    model = _build(dict(spec, weights=args.weights) if args.weights and not resuming else spec)
     cfg = TrainConfig(epochs=args.epochs, variant=args.variant, optimizer=args.optimizer, lr=args.lr,
                       momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                       clip=args.clip or None, P=_parse_P(args.P), d=args.d, E=args.E, eps=args.eps,
@@ -308,7 +308,6 @@ def cmd_train(args) -> int:
                       num_workers=args.workers, sync_bn=args.sync_bn, progress=not args.no_progress,
                       model_spec=spec)
     cfg.lr_schedule = args.lr_schedule
-    cfg.method, cfg.rrr_lambda = args.method, args.rrr_lambda  # rrr: fisnet.baselines
     cfg.classes = list(getattr(tr, "classes", None) or [str(i) for i in range(K)])
     cfg.cli = _cli_record(args)
     cuts = load_cuts(args.cuts) if args.cuts else None
@@ -397,15 +396,6 @@ def cmd_explain(args) -> int:
     if args.save_tensor:
         torch.save(R[0], os.path.splitext(args.out)[0] + ".pt")
     print(f"predicted class {name(pred)}; explained class {name(target)}; wrote {args.out}")
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from .compare import run_compare
-    _threads(args.threads)
-    run_compare(classes=args.classes, out=args.out, seed=args.seed, quick=args.quick, time_steps=args.time_steps,
-                methods=args.methods.split(",") if args.methods else None, device=args.device,
-                progress=not args.no_progress, epochs=args.epochs)
     return 0
 
 
@@ -530,15 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-zb", action="store_true", help="turn the Zb first-layer rule off")
     g.add_argument("--cuts", metavar="FILE", help="C1/C2 JSON (from `fisnet tune-cuts`); default: tuned first")
     g.add_argument("--tune-epochs", type=int, default=5, help="epochs of the C1/C2 heuristic (default 5)")
-    g.add_argument("--method", default="isnet", choices=["isnet", "rrr"],
-                   help="isnet (default; --P 0 = plain) or rrr: Right for the Right Reasons baseline, cross-entropy "
-                        "+ lambda x background input-gradient penalty (docs/compare.md)")
-    g.add_argument("--rrr-lambda", type=float, default=1.0, help="RRR penalty weight lambda (default 1)")
     r = t.add_argument_group("run")
     r.add_argument("--out", default="./fisnet-run", help="run folder (default ./fisnet-run)")
     r.add_argument("--resume", action="store_true",
                    help="continue the run in OUT with its saved settings (other flags may only repeat them; "
                         "--epochs may extend the run; --device/--threads/--workers may change)")
+    r.add_argument("--weights", metavar="PATH", help="start from pretrained weights: a state dict in torchvision's "
+                   "format and names (.pth/.pt, or .safetensors with the safetensors package); a classifier of "
+                   "another shape is re-initialised (with a warning)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms + seeding")
     r.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
@@ -579,27 +568,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps", type=float, help="LRP-epsilon (default: the checkpoint's)")
     e.add_argument("--save-tensor", action="store_true", help="also save the heatmap tensor (.pt)")
     e.set_defaults(func=cmd_explain)
-
-    cp = sub.add_parser("compare", help="plain, RRR and the four ISNet variants side by side (report.json, table, PNG)",
-                        description="Train plain, rrr and the ISNet variants original, selective, stochastic, dual on "
-                                    "the built-in biased data (one seed, one budget per method; docs/compare.md) and "
-                                    "write OUT/report.json (accuracy per test set, background share, relevance mass, "
-                                    "pointing game, seconds per epoch, config), OUT/heatmaps.png and a table.")
-    cp.add_argument("--classes", type=int, default=10, choices=[10, 100],
-                    help="10: biased digits; 100: biased two-digit numbers 00-99 (default 10)")
-    cp.add_argument("--out", default="./fisnet-compare", help="output folder (default ./fisnet-compare)")
-    cp.add_argument("--methods", help="comma-separated subset of plain,rrr,original,selective,stochastic,dual "
-                                      "(plain is always trained: it gives the cuts)")
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--epochs", type=int, help="epochs of every method but plain (default: the budgets of "
-                                               "docs/compare.md)")
-    cp.add_argument("--time-steps", type=int, help="only time each method on N training steps (seconds per epoch "
-                                                   "extrapolated; no accuracy)")
-    cp.add_argument("--quick", action="store_true", help="a tiny run for tests (seconds; the numbers mean nothing)")
-    cp.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    cp.add_argument("--threads", type=int, help="torch CPU threads")
-    cp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    cp.set_defaults(func=cmd_compare)
 
     b = sub.add_parser("bench", help="training-step time vs number of classes (bench/scaling.py)",
                        description="Median training-step time (interleaved repeats) of the plain classifier and "
