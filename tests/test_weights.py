@@ -271,3 +271,15 @@ def test_safetensors_file_loads(tmp_path):
     st.save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
     net = models.resnet18(num_classes=1000, weights=str(p))
     _assert_loaded(net, sd)
+
+
+def test_cli_train_weights_flag(tmp_path, capsys):
+    from fisnet import cli
+    args = cli.build_parser().parse_args(["train", "--weights", "w.pth"])
+    assert args.weights == "w.pth"
+    assert cli.build_parser().parse_args(["train"]).weights is None
+    rc = cli.main(["train", "--n-train", "16", "--n-test", "8", "--epochs", "0", "--no-progress",
+                   "--weights", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1
+    assert "weights file" in err[0] and "missing.pth" in err[0] and "does not exist" in err[0]

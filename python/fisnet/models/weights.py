@@ -108,7 +108,7 @@ def _listing(title: str, items: List[str], limit: int = 12) -> str:
 
 
 def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, torch.Tensor]],
-                 classifier: Sequence[str] = None) -> WeightsReport:
+                 classifier: Sequence[str] = None, *, stacklevel: int = 2) -> WeightsReport:
     """Load a torchvision-format state dict (a file path, or a mapping) into `model` in place.
 
     `classifier`: module names of the classifier (default ``model.classifier_modules``); see the
@@ -161,7 +161,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, torch.T
         absent = [k for k in head_keys if k not in sd]
         why = "; ".join(diffs + ([f"not in the file: {', '.join(absent)}"] if absent else []))
         warnings.warn(f"{where}: classifier ({', '.join(heads)}) re-initialised, not loaded: {why}",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=stacklevel)
     with torch.no_grad():
         model.load_state_dict(new_sd, strict=True)
     return report
@@ -170,5 +170,5 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, torch.T
 def with_weights(model: nn.Module, weights) -> nn.Module:
     """`model` with `weights` loaded (see :func:`load_weights`); unchanged when `weights` is None."""
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, stacklevel=4)  # the warning points at the builder's caller
     return model
