@@ -308,6 +308,7 @@ def cmd_train(args) -> int:
                       num_workers=args.workers, sync_bn=args.sync_bn, progress=not args.no_progress,
                       model_spec=spec)
     cfg.lr_schedule = args.lr_schedule
+    cfg.method, cfg.rrr_lambda = args.method, args.rrr_lambda  # rrr: fisnet.baselines
     cfg.classes = list(getattr(tr, "classes", None) or [str(i) for i in range(K)])
     cfg.cli = _cli_record(args)
     cuts = load_cuts(args.cuts) if args.cuts else None
@@ -396,6 +397,15 @@ def cmd_explain(args) -> int:
     if args.save_tensor:
         torch.save(R[0], os.path.splitext(args.out)[0] + ".pt")
     print(f"predicted class {name(pred)}; explained class {name(target)}; wrote {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+    _threads(args.threads)
+    run_compare(classes=args.classes, out=args.out, seed=args.seed, quick=args.quick, time_steps=args.time_steps,
+                methods=args.methods.split(",") if args.methods else None, device=args.device,
+                progress=not args.no_progress, epochs=args.epochs)
     return 0
 
 
@@ -520,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-zb", action="store_true", help="turn the Zb first-layer rule off")
     g.add_argument("--cuts", metavar="FILE", help="C1/C2 JSON (from `fisnet tune-cuts`); default: tuned first")
     g.add_argument("--tune-epochs", type=int, default=5, help="epochs of the C1/C2 heuristic (default 5)")
+    g.add_argument("--method", default="isnet", choices=["isnet", "rrr"],
+                   help="isnet (default; --P 0 = plain) or rrr: Right for the Right Reasons baseline, cross-entropy "
+                        "+ lambda x background input-gradient penalty (docs/compare.md)")
+    g.add_argument("--rrr-lambda", type=float, default=1.0, help="RRR penalty weight lambda (default 1)")
     r = t.add_argument_group("run")
     r.add_argument("--out", default="./fisnet-run", help="run folder (default ./fisnet-run)")
     r.add_argument("--resume", action="store_true",
@@ -568,6 +582,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eps", type=float, help="LRP-epsilon (default: the checkpoint's)")
     e.add_argument("--save-tensor", action="store_true", help="also save the heatmap tensor (.pt)")
     e.set_defaults(func=cmd_explain)
+
+    cp = sub.add_parser("compare", help="plain, RRR and the four ISNet variants side by side (report.json, table, PNG)",
+                        description="Train plain, rrr and the ISNet variants original, selective, stochastic, dual on "
+                                    "the built-in biased data (one seed, one budget per method; docs/compare.md) and "
+                                    "write OUT/report.json (accuracy per test set, background share, relevance mass, "
+                                    "pointing game, seconds per epoch, config), OUT/heatmaps.png and a table.")
+    cp.add_argument("--classes", type=int, default=10, choices=[10, 100],
+                    help="10: biased digits; 100: biased two-digit numbers 00-99 (default 10)")
+    cp.add_argument("--out", default="./fisnet-compare", help="output folder (default ./fisnet-compare)")
+    cp.add_argument("--methods", help="comma-separated subset of plain,rrr,original,selective,stochastic,dual "
+                                      "(plain is always trained: it gives the cuts)")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--epochs", type=int, help="epochs of every method but plain (default: the budgets of "
+                                               "docs/compare.md)")
+    cp.add_argument("--time-steps", type=int, help="only time each method on N training steps (seconds per epoch "
+                                                   "extrapolated; no accuracy)")
+    cp.add_argument("--quick", action="store_true", help="a tiny run for tests (seconds; the numbers mean nothing)")
+    cp.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    cp.add_argument("--threads", type=int, help="torch CPU threads")
+    cp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cp.set_defaults(func=cmd_compare)
 
     b = sub.add_parser("bench", help="training-step time vs number of classes (bench/scaling.py)",
                        description="Median training-step time (interleaved repeats) of the plain classifier and "
