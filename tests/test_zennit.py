@@ -346,3 +346,175 @@ if __name__ == "__main__":  # the table of the issue-8 note: python tests/test_z
                   f"{rel(out['features.3'][:, 1], hidden['features.3']):.1e} |")
         except Exception as e:  # noqa: BLE001
             print(f"| dual z⁺ LDS at conv+BN | fails: {type(e).__name__}: {str(e)[:80]} |")
+
+
+# ---------------------------------------------------------------------------------------------
+# An LDS layer whose output a later op modifies in place (issue 8, item 2)
+
+class Block(nn.Module):
+    """A torchvision-style BasicBlock: `out += identity` modifies bn2's output in place."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.inplace = inplace
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.inplace:
+            out += x
+        else:
+            out = out + x
+        return self.relu(out)
+
+
+class ResNetLike(nn.Module):
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.block = Block(inplace)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.head(self.block(self.relu(self.stem(x))))
+
+
+@pytest.mark.parametrize("variant", ["explain", "dual"])
+def test_lds_output_modified_in_place(variant, seed):
+    """The map at `block.bn2` (then `out += identity`) and at `block.bn1` (then an in-place ReLU)
+    is that of the tensor the layer returned: equal to the same network written out of place."""
+    torch.manual_seed(seed)
+    a = ResNetLike(inplace=True).to(DT)
+    b = ResNetLike(inplace=False).to(DT)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        for bn in (m.block.bn1, m.block.bn2):
+            bn.running_mean.uniform_(-0.3, 0.3)
+        m.load_state_dict(a.state_dict())
+        m.eval()
+    x = torch.rand(2, 3, 8, 8, dtype=DT)
+    layers = ["block.bn2", "block.bn1", "block"]
+    if variant == "explain":
+        ra = fisnet.explain(a, x, "all", layers=layers)
+        rb = fisnet.explain(b, x, "all", layers=layers)
+    else:
+        ra = fisnet.ISNet(a, "dual", lds_layers=layers)(x, heatmaps=True).heatmaps
+        rb = fisnet.ISNet(b, "dual", lds_layers=layers)(x, heatmaps=True).heatmaps
+    for k in ["input"] + layers:
+        torch.testing.assert_close(ra[k], rb[k], rtol=1e-12, atol=1e-14)
+    # and not the relevance of the modified tensor (what the in-place op produced)
+    assert not torch.allclose(ra["block.bn2"], rb["block"])
+
+
+def test_lds_in_place_training_gradient(seed):
+    """The LDS map of an in-place-modified output stays differentiable in the weights."""
+    torch.manual_seed(seed)
+    a = ResNetLike(inplace=True).to(DT).eval()
+    b = ResNetLike(inplace=False).to(DT).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(2, 3, 8, 8, dtype=DT)
+    grads = []
+    for m in (a, b):
+        r = fisnet.explain(m, x, layers=["block.bn2"], create_graph=True)["block.bn2"]
+        grads.append(torch.autograd.grad(r.square().sum(), m.block.conv2.weight)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-11, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-linear ops without a rule are refused, not treated as linear (issue 8, item 3)
+
+class Wrap(nn.Module):
+    def __init__(self, fn, channels=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.fn = fn
+        self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
+
+    def forward(self, x):
+        return self.head(self.fn(torch.relu(self.conv(x))))
+
+
+def _attention(h):
+    q = h.flatten(2).transpose(1, 2)
+    return nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(h.shape)
+
+
+def _hand_attention(h):
+    q = h.flatten(2).transpose(1, 2)
+    a = (q @ q.transpose(1, 2)).div(2.0)
+    return (a @ q).transpose(1, 2).reshape(h.shape)
+
+
+REFUSED = {
+    "F.scaled_dot_product_attention": _attention,
+    "F.softmax": lambda h: nn.functional.softmax(h, dim=1),
+    "torch.softmax": lambda h: torch.softmax(h, 1),
+    "Tensor.softmax": lambda h: h.softmax(1),
+    "F.log_softmax": lambda h: nn.functional.log_softmax(h, dim=1),
+    "F.layer_norm": lambda h: nn.functional.layer_norm(h, h.shape[1:]),
+    "nn.LayerNorm": nn.LayerNorm([4, 6, 6]),
+    "F.group_norm": lambda h: nn.functional.group_norm(h, 2),
+    "nn.GroupNorm": nn.GroupNorm(2, 4),
+    "F.instance_norm": lambda h: nn.functional.instance_norm(h),
+    "F.normalize": lambda h: nn.functional.normalize(h, dim=1),
+    "a product of two activations (hand-written attention)": _hand_attention,
+    "a gate": lambda h: h * h.mean((2, 3), keepdim=True),
+    "a division by an activation": lambda h: h / (h.sum(1, keepdim=True) + 1),
+    "clamp (a ReLU written as clamp)": lambda h: (h - 0.5).clamp(min=0),
+    "torch.maximum": lambda h: torch.maximum(h, h.flip(1)),
+    "exp": torch.exp,
+    "an unlisted function (torch.cummax)": lambda h: torch.cummax(h, 1).values,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_nonlinear_without_rule_is_refused(name):
+    fn = REFUSED[name]
+    model = Wrap(fn if not isinstance(fn, nn.Module) else fn).to(DT)
+    x = torch.rand(2, 3, 6, 6, dtype=DT)
+    model(x)  # materialise the lazy layer; the model itself runs
+    with pytest.raises(fisnet.UnsupportedActivationError) as err:
+        fisnet.explain(model, x)
+    msg = str(err.value)
+    assert "fisnet" in msg and ("rule" in msg or "register_linear" in msg)
+    with pytest.raises(fisnet.UnsupportedActivationError):
+        fisnet.ISNet(model, "selective").train()(x)
+
+
+def test_linear_ops_are_accepted_and_register_linear(seed):
+    """Functions that are linear in the input-dependent tensor pass (a product with a parameter,
+    a division by a constant, interpolation, padding); an unlisted one passes once registered."""
+    torch.manual_seed(seed)
+    scale = nn.Parameter(torch.rand(1, 4, 1, 1, dtype=DT))
+
+    def linear_mix(h):
+        h = nn.functional.interpolate(h * scale / 3.0, scale_factor=2, mode="bilinear")
+        return nn.functional.avg_pool2d(nn.functional.pad(h, (1, 1, 1, 1)), 2)[..., :6, :6]
+
+    model = Wrap(linear_mix).to(DT)
+    x = torch.rand(2, 3, 6, 6, dtype=DT)
+    model(x)
+    r = fisnet.explain(model, x, eps=0.0, zb=False)
+    # ε = 0, Zb off: gradient × input
+    xg = x.clone().requires_grad_(True)
+    logit = model(xg).gather(1, model(x).argmax(1, keepdim=True)).sum()
+    torch.testing.assert_close(r[:, 0], torch.autograd.grad(logit, xg)[0] * x, rtol=1e-10, atol=1e-12)
+
+    shift = Wrap(lambda h: torch.fft.fftshift(h, dim=(2, 3))).to(DT)  # a permutation: linear, but unlisted
+    shift(x)
+    with pytest.raises(fisnet.UnsupportedActivationError, match="fftshift.*register_linear"):
+        fisnet.explain(shift, x)
+    fisnet.register_linear(torch.fft.fftshift)
+    try:
+        r = fisnet.explain(shift, x, eps=0.0, zb=False)
+    finally:
+        fisnet.optable.LINEAR.pop(torch.fft.fftshift)
+    xg = x.clone().requires_grad_(True)
+    logit = shift(xg).gather(1, shift(x).argmax(1, keepdim=True)).sum()
+    torch.testing.assert_close(r[:, 0], torch.autograd.grad(logit, xg)[0] * x, rtol=1e-10, atol=1e-12)

@@ -200,6 +200,7 @@ class _Interceptor(TorchFunctionMode):
         self.watch: Dict[int, _LDSEntry] = {}  # LDS outputs, filled by the forward hooks
         self.n_relu = 0
         self.act_bytes = 0  # the largest ReLU output per image, in bytes (sizes the seed chunks)
+        self.pending: Optional[Exception] = None  # a refusal raised inside a binary operator
 
     # -- input dependence -----------------------------------------------------------------
     def _tainted(self, t) -> bool:
@@ -257,6 +258,7 @@ class _Interceptor(TorchFunctionMode):
         if zb_rec is not None:
             zb_rec.output = out
             zb_rec.version = out._version
+            self._mark(out)  # it reads the input (detached or gated for the heatmap backward)
             self.zb_layers.append(zb_rec)
             self._zb_by_out[id(out)] = zb_rec
         elif func is F.batch_norm and self._zb_by_out:
@@ -347,16 +349,23 @@ class _Interceptor(TorchFunctionMode):
             return self._mark(out)
         if func in optable.NO_RULE:
             self._refuse(func, optable.hint(optable.func_name(func)))
-        raise UnsupportedActivationError(
+        self._raise(func, UnsupportedActivationError(
             f"the model's forward calls {optable.func_name(func)} on an input-dependent tensor, and fisnet's op "
             "table (fisnet.optable, docs/method.md) does not list it, so fisnet cannot tell whether it is linear. "
             "If it is linear in its tensor inputs, declare it with fisnet.register_linear(func) before explaining; "
-            "otherwise rewrite the model without it.")
+            "otherwise rewrite the model without it."))
 
     def _refuse(self, func, why: str):
-        raise UnsupportedActivationError(
+        err = UnsupportedActivationError(
             f"the model's forward calls {optable.func_name(func)}: it is non-linear and fisnet has no LRP rule for "
             f"it ({why}). Refused rather than treated as linear (docs/method.md lists the op table).")
+        self._raise(func, err)
+
+    def _raise(self, func, err):
+        # Python turns a TypeError raised inside a binary operator (x * y, dispatched here as
+        # Tensor.mul) into NotImplemented: keep the first refusal and raise it after the forward
+        if self.pending is None:
+            self.pending = err
 
     def _tap(self, func, args, kwargs, out):
         if func in CONV_FUNCS:
@@ -657,6 +666,8 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
     mode = _Interceptor(eps, switch, backend, x_in, zb, zb_read=reader, first_weight=first_weight, zswitch=zswitch)
     with torch.enable_grad(), _capture_outputs(model, layers, outputs, mode), mode:
         logits = model(x_in)
+    if mode.pending is not None:
+        raise mode.pending
     outputs = {name: outputs[name] for name in layers if name in outputs}  # the order asked for
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model returned {type(logits).__name__}; fisnet expects a logits tensor (B, K)")
