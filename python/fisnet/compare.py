@@ -253,6 +253,8 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
     run("plain", dataclasses_replace(base, P=0.0))
     plain = models_out["plain"]
     n_cut = p["cuts_images"] or len(train_set)
+    if time_steps is not None:  # the cuts do not change the cost of a step: estimate them on one batch
+        n_cut = min(n_cut, p["batch_size"])
     cut_loader = DataLoader(Subset(train_set, range(min(n_cut, len(train_set)))), batch_size=128, shuffle=False)
     cuts: Dict[str, Any] = {}
     for v in ISNET_VARIANTS:
