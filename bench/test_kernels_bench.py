@@ -4,7 +4,7 @@
     python -m pytest bench --benchmark-only --benchmark-autosave     # + JSON in bench/results/pytest-benchmark/
     python -m pytest bench --benchmark-only --benchmark-compare      # against the last saved run
     python -m pytest bench --benchmark-only -k "bwd_bwd and cpp"     # a subset
-    FISNET_BENCH_SIZES=65536,1048576 python -m pytest bench --benchmark-only
+    FISNET_BENCH_SIZES=65536,1048576 FISNET_BENCH_THREADS=1 python -m pytest bench --benchmark-only
 
 One benchmark per (op, backend, size), fp32 (fp32/bf16 on CUDA). Backends: "cpp" (the compiled
 CPU kernels, torch.ops.fisnet.*), "cuda" (the same ops on CUDA tensors when built with
@@ -26,6 +26,11 @@ DEVICE = "cuda" if CUDA else "cpu"
 _DEFAULT_SIZES = [2**16, 2**20, 2**22] + ([2**26] if CUDA else [])
 SIZES = [int(s) for s in os.environ.get("FISNET_BENCH_SIZES", "").split(",") if s.strip()] or _DEFAULT_SIZES
 DTYPES = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if CUDA else {})}
+# CPU threads for the whole run (default: torch's); 1 is the steadiest on a shared machine, where
+# waiting for a descheduled worker thread shows up as ~50 ms outliers in multi-threaded ops
+THREADS = int(os.environ.get("FISNET_BENCH_THREADS", "0") or 0)
+if THREADS > 0:
+    torch.set_num_threads(THREADS)
 
 TENSORS_MOVED = {"copy": 2, "lrp_relu_fwd": 2, "lrp_relu_bwd": 3, "lrp_relu_bwd_bwd": 5, "zplus_ratio": 4,
                  "zplus_ratio_bwd": 7, "bn_train_bwd": 3, "bn_train_bwd_bwd": 5}
