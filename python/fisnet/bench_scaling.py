@@ -290,7 +290,7 @@ def run(classes: List[int], variants=VARIANTS, *, batch: int = 32, size: int = 3
 
 def table(rows: List[Dict], classes: List[int], variants=VARIANTS) -> str:
     memory = any(r.get("peak_mb") is not None for r in rows)
-    w = 34 if memory else 20
+    w = 36 if memory else 22
     head = f"{'variant':<15}" + "".join(f"{'K=' + str(k):>{w}}" for k in classes)
     lines = [head, "-" * len(head)]
     for v in variants:
