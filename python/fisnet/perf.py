@@ -13,6 +13,16 @@ plain and Faster steps keep their ratios.
 The cost: the process keeps its peak heap (as PyTorch's CUDA caching allocator keeps GPU
 memory).  The `fisnet` commands call it (opt out with FISNET_MALLOC_TUNING=0); library users
 may call it themselves.  A no-op returning False where malloc is not glibc's.
+
+The library itself never calls it: it is a process-wide choice (memory not given back to the
+OS) that belongs to the application, and since the CPU seed chunks (fisnet.lrp,
+CPU_SEED_CHUNK_BYTES: every block stays under glibc's 32 MB mmap ceiling) it no longer decides
+the batched Original against the loop.  Measured without it (issue 11, `FISNET_MALLOC_TUNING=0
+python bench/scaling.py --classes 2,10,40,100 --variants original,original_loop --threads 1
+--repeats 3 --no-memory`, shared 2-core VM under load): batched 1,346 / 5,711 / 14,416 ms against
+the loop's 1,870 / 7,979 / 18,260 ms at K = 10 / 40 / 100 (28 / 28 / 21 % faster); at K = 2 the
+two tie within the noise with or without the tuning (466 vs 474 ms untuned; 15 repeats: 563 vs
+512 untuned, 551 vs 560 tuned).
 """
 from __future__ import annotations
 
