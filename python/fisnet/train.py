@@ -198,8 +198,11 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
                               f"which could run code when unpickled ({why[:160]}). fisnet saves checkpoints that "
                               f"load without such objects; use only checkpoints written by fisnet") from None
     except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if isinstance(e, RuntimeError) and "cuda" in msg.lower():
+            raise CheckpointError(f"cannot load checkpoint {path} here: {msg}") from None
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                              f"({type(e).__name__}: {msg})") from None
     if not isinstance(ck, Mapping) or "model" not in ck:
         raise CheckpointError(f"{path} is not a fisnet checkpoint (no 'model' entry)")
     return ck
