@@ -57,7 +57,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     # logs and checkpoint
     log = json.loads((tmp_path / "b" / "log.json").read_text())
     assert [r["epoch"] for r in log] == [1, 2]
-    assert set(log[-1]["test"]["t"]) == {"accuracy", "background_share"}
+    assert set(log[-1]["test"]["t"]) == {"accuracy", "background_share", "relevance_mass", "pointing_game"}
     assert (tmp_path / "b" / "log.csv").read_text().count("\n") == 3
     ck = load_checkpoint(str(tmp_path / "b"))
     assert ck["epoch"] == 2 and ck["cuts"] == CUTS
