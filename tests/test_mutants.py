@@ -246,3 +246,35 @@ def test_background_share_half_mask_by_hand():
     m = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
     got = background_share(net, [(x, m, torch.zeros(1, dtype=torch.long))], eps=0.0, zb=False)
     assert got == pytest.approx(0.75, rel=1e-12)
+
+
+# ---------------------------------------------------------------- accuracy (metrics)
+
+def test_evaluate_exact_accuracy():
+    """An identity 'classifier' on one-hot-like inputs: predictions known by hand."""
+    from fisnet.metrics import evaluate
+    net = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(3))
+    x = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0], [5.0, 0, 0], [0, 0, 1.0]])
+    y = torch.tensor([0, 1, 0, 2, 2])  # predictions 0, 1, 2, 0, 2: right, right, wrong, wrong, right
+    m = torch.ones(5, 1, 1, 3)
+    assert evaluate(net, [(x, m, y)]) == pytest.approx(3 / 5)
+    assert evaluate(net, [(x[:2], m[:2], y[:2]), (x[2:], m[2:], y[2:])]) == pytest.approx(3 / 5)
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    assert evaluate(net, [(x, m, onehot)]) == pytest.approx(3 / 5)
+
+
+# ---------------------------------------------------------------- argument checks (lrp.trace)
+
+@pytest.mark.parametrize("eps", [-0.1, -1.0, float("nan")])
+def test_negative_eps_refused_before_the_model_runs(eps):
+    """The trace refuses ε < 0 itself, before any forward (the op layer would refuse it later,
+    after the model has run)."""
+    import fisnet
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    calls = []
+    net.register_forward_pre_hook(lambda m, i: calls.append(1))
+    with pytest.raises(ValueError, match=r"eps must be >= 0"):
+        fisnet.explain(net, torch.rand(2, 1, 2, 2), eps=eps, zb=False)
+    assert calls == [], "the model ran before ε was checked"

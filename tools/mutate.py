@@ -129,6 +129,10 @@ MUTANTS: List[Mutant] = [
            "if not eps >= 0:",
            "if not eps >= -1:",
            "trace accepts a negative ε"),
+    Mutant("relevance-without-input", "lrp.py",
+           "out[name] = a.unsqueeze(1) * g",
+           "out[name] = g",
+           "relevance R = G instead of a ⊙ G"),
 ]
 
 
