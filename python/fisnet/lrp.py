@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 import fisnet_ext
 
 from . import optable
-from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, zb_relevance
+from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, resolve_rules, zb_relevance
 from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
 from .zplus import LayerRecord, ZPlusTap
 
@@ -64,10 +64,28 @@ for _name in ("sigmoid", "sigmoid_", "tanh", "tanh_", "selu", "selu_", "celu", "
         _unsupported_funcs[getattr(_T, _name)] = f"Tensor.{_name}"
 UNSUPPORTED_FUNCS = _unsupported_funcs
 
+# element-wise activations of the rule table (kind "activation"): function -> how to read its call
+ACT_FUNCS = {}
+for _f, _spec in ((F.relu6, ("relu6", None, None)), (F.leaky_relu, ("leaky_relu", "negative_slope", 0.01)),
+                  (F.leaky_relu_, ("leaky_relu", "negative_slope", 0.01)), (F.gelu, ("gelu", None, None)),
+                  (F.silu, ("silu", None, None)), (F.hardswish, ("hardswish", None, None)),
+                  (F.elu, ("elu", "alpha", 1.0)), (F.elu_, ("elu", "alpha", 1.0)), (F.mish, ("mish", None, None)),
+                  (F.softplus, ("softplus", "beta", 1.0)), (F.hardtanh, ("hardtanh", None, None)),
+                  (F.hardtanh_, ("hardtanh", None, None))):
+    ACT_FUNCS[_f] = _spec
+_ACT_ARGS = {"leaky_relu": ("input", "negative_slope", "inplace"), "elu": ("input", "alpha", "inplace"),
+             "softplus": ("input", "beta", "threshold"), "gelu": ("input", "approximate"),
+             "hardtanh": ("input", "min_val", "max_val", "inplace")}
+NORM_FUNCS = {F.layer_norm: "layer_norm", F.group_norm: "group_norm", F.instance_norm: "instance_norm"}
+if hasattr(F, "rms_norm"):
+    NORM_FUNCS[F.rms_norm] = "rms_norm"
+GATE_FUNCS = {torch.sigmoid: "torch.sigmoid", _T.sigmoid: "Tensor.sigmoid", F.sigmoid: "F.sigmoid",
+              F.hardsigmoid: "F.hardsigmoid"}
+MUL_FUNCS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply, _T.multiply}
+
 UNSUPPORTED_MODULES = tuple(
-    getattr(nn, n) for n in ("GELU", "SiLU", "LeakyReLU", "ELU", "SELU", "CELU", "Mish", "Hardswish",
-                             "Hardsigmoid", "Hardtanh", "ReLU6", "PReLU", "RReLU", "Softplus", "Tanh",
-                             "Sigmoid", "Softsign", "Tanhshrink", "Threshold", "LogSigmoid", "GLU",
+    getattr(nn, n) for n in ("SELU", "CELU", "PReLU", "RReLU", "Tanh",
+                             "Softsign", "Tanhshrink", "Threshold", "LogSigmoid", "GLU",
                              "Softshrink", "Hardshrink", "Softmax", "LogSoftmax", "Softmax2d",
                              "MultiheadAttention")
     if hasattr(nn, n)
@@ -79,8 +97,8 @@ def check_activations(model: nn.Module) -> None:
     for name, mod in model.named_modules():
         if isinstance(mod, UNSUPPORTED_MODULES):
             raise UnsupportedActivationError(
-                f"module {name or '<root>'!r} is {type(mod).__name__}: LRP-Flex (and so fisnet) supports ReLU "
-                f"networks only. Replace it with nn.ReLU"
+                f"module {name or '<root>'!r} is {type(mod).__name__}: fisnet has no LRP rule for it (see "
+                f"fisnet.rules.DEFAULT_RULES for the supported ops). Replace it with a supported activation"
                 + (" or return logits instead of probabilities" if "Softmax" in type(mod).__name__ else "")
                 + ", or explain a model without it.")
 
@@ -182,8 +200,13 @@ class _Interceptor(TorchFunctionMode):
     training BatchNorms their traced forms, Zb layers are recorded, and every other function
     applied to an input-dependent tensor is checked against the op table (fisnet.optable)."""
 
-    def __init__(self, eps, switch, backend, x_in, zb, zb_read=None, first_weight=None, zswitch=None):
+    def __init__(self, eps, switch, backend, x_in, zb, zb_read=None, first_weight=None, zswitch=None,
+                 rules=None):
         super().__init__()
+        self.rules = resolve_rules(rules)
+        self.switches = tuple(s for s in (switch, zswitch) if s is not None)
+        self._gates: Dict[int, weakref.ref] = {}  # sigmoid/hardsigmoid outputs: gates for the "gate" rule
+        self.n_act = 0
         self.zswitch = zswitch  # set for the Dual ISNet: conv/linear outputs get z⁺ taps
         self.records: List[LayerRecord] = []
         self.eps = eps
@@ -233,6 +256,14 @@ class _Interceptor(TorchFunctionMode):
             self._before_inplace(func, args, kwargs)
         if func in RELU_FUNCS:
             return self._relu(func, args, kwargs)
+        if func in ACT_FUNCS:
+            return self._act(func, args, kwargs)
+        if func in NORM_FUNCS:
+            return self._norm(func, args, kwargs)
+        if func in GATE_FUNCS:
+            return self._gate(func, args, kwargs)
+        if func in MUL_FUNCS and self._gates and self.rules["gate"] == "constant_gate":
+            args = self._hold_gates(args)
         if func in UNSUPPORTED_FUNCS:
             raise UnsupportedActivationError(
                 f"the model's forward calls {UNSUPPORTED_FUNCS[func]}: fisnet has no LRP rule for it yet "
@@ -293,7 +324,9 @@ class _Interceptor(TorchFunctionMode):
         x = args[0] if args else kwargs["input"]
         inplace = func in INPLACE_RELU_FUNCS or (func is F.relu and bool(
             args[1] if len(args) > 1 else kwargs.get("inplace", False)))
-        if inplace:
+        if self.rules["activation"] == "gradient":
+            y = func(*args, **kwargs)
+        elif inplace:
             y = fisnet_ext.lrp_relu_(x, self.eps, self.switch, self.backend)
         else:
             y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
@@ -309,6 +342,111 @@ class _Interceptor(TorchFunctionMode):
         if self._tainted(x):
             self._mark(y)
         return y
+
+    def _act(self, func, args, kwargs):
+        """An element-wise activation of the rule table (kind "activation")."""
+        kind, pname, pdefault = ACT_FUNCS[func]
+        vals = _call_args(_ACT_ARGS.get(kind, ("input", "inplace")), args, kwargs)
+        x = vals["input"]
+        param = None
+        if kind == "hardtanh":  # nn.ReLU6 calls F.hardtanh(x, 0, 6)
+            lo, hi = float(vals.get("min_val", -1.0)), float(vals.get("max_val", 1.0))
+            if (lo, hi) != (0.0, 6.0):
+                self._raise(func, UnsupportedActivationError(
+                    f"the model's forward calls F.hardtanh with range ({lo}, {hi}): fisnet's activation rule "
+                    "knows hardtanh only as ReLU6 (0, 6); use ReLU or ReLU6, or explain a model without it."))
+                return func(*args, **kwargs)
+            kind = "relu6"
+        elif kind == "gelu":
+            kind = "gelu_tanh" if vals.get("approximate", "none") == "tanh" else "gelu"
+        elif kind == "softplus" and float(vals.get("threshold", 20.0)) != 20.0:
+            self._raise(func, UnsupportedActivationError(
+                "the model's forward calls F.softplus with a threshold other than 20: fisnet's softplus rule uses "
+                "PyTorch's default threshold; use the default."))
+            return func(*args, **kwargs)
+        elif pname is not None:
+            param = float(vals.get(pname, pdefault))
+        if not self._tainted(x) or self.rules["activation"] == "gradient":
+            y = func(*args, **kwargs)
+        else:
+            y = fisnet_ext.lrp_act(x, kind, self.eps, self.switch, self.backend, param=param)
+        self.n_act += 1
+        if self._tainted(x):
+            self._mark(y)
+        return y
+
+    def _norm(self, func, args, kwargs):
+        """LayerNorm / GroupNorm / InstanceNorm / RMSNorm (kind "norm"): with the "constant_scale"
+        rule, computed from differentiable parts whose scale σ is held constant in heatmap backwards
+        (`_HeatmapBlock`): the ordinary gradient is the exact one, and in the double backward σ stays
+        a function of the weights."""
+        which = NORM_FUNCS[func]
+        x = args[0] if args else kwargs["input"]
+        if not self._tainted(x) or self.rules["norm"] == "gradient":
+            out = func(*args, **kwargs)
+            if self._tainted(x):
+                self._mark(out)
+            return out
+        hold = self._hold
+        if which == "layer_norm":
+            v = _call_args(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
+            dims = tuple(range(x.dim() - len(tuple(v["normalized_shape"])), x.dim()))
+            y = _normalise(x, dims, float(v.get("eps", 1e-5)), True, hold)
+            y = _affine(y, v.get("weight"), v.get("bias"), None)
+        elif which == "rms_norm":
+            v = _call_args(("input", "normalized_shape", "weight", "eps"), args, kwargs)
+            dims = tuple(range(x.dim() - len(tuple(v["normalized_shape"])), x.dim()))
+            e = v.get("eps")
+            e = torch.finfo(x.dtype).eps if e is None else float(e)
+            y = _affine(_normalise(x, dims, e, False, hold), v.get("weight"), None, None)
+        elif which == "group_norm":
+            v = _call_args(("input", "num_groups", "weight", "bias", "eps"), args, kwargs)
+            G = int(v["num_groups"])
+            xg = x.reshape(x.shape[0], G, -1)
+            y = _normalise(xg, (2,), float(v.get("eps", 1e-5)), True, hold).reshape(x.shape)
+            y = _affine(y, v.get("weight"), v.get("bias"), x.dim())
+        else:  # instance_norm
+            v = _call_args(("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
+                            "momentum", "eps"), args, kwargs)
+            if not v.get("use_input_stats", True):  # running statistics: an affine map
+                out = func(*args, **kwargs)
+                self._mark(out)
+                return out
+            if v.get("running_mean") is not None:  # keep PyTorch's running-statistics update
+                with torch.no_grad():
+                    func(*args, **kwargs)
+            dims = tuple(range(2, x.dim()))
+            y = _normalise(x, dims, float(v.get("eps", 1e-5)), True, hold)
+            y = _affine(y, v.get("weight"), v.get("bias"), x.dim())
+        self._mark(y)
+        return y
+
+    def _hold(self, t):
+        return _HeatmapBlock.apply(t, self.switches)
+
+    def _gate(self, func, args, kwargs):
+        """sigmoid / hardsigmoid: computed as usual; an input-dependent result is a gate, allowed
+        only as a factor of a product (kind "gate")."""
+        x = args[0] if args else kwargs["input"]
+        y = func(*args, **kwargs)
+        if self._tainted(x):
+            self._mark(y)
+            self._gates[id(y)] = weakref.ref(y)
+        return y
+
+    def _is_gate(self, t) -> bool:
+        r = self._gates.get(id(t))
+        return r is not None and r() is t
+
+    def _hold_gates(self, args):
+        """signal × gate: the gate held constant in heatmap backwards (the "constant_gate" rule)."""
+        args = list(args)
+        gates = [i for i, a in enumerate(args[:2]) if self._is_gate(a)]
+        others = [i for i, a in enumerate(args[:2]) if i not in gates and self._tainted(a)]
+        if len(gates) == 1 and len(others) == 1:
+            args[gates[0]] = self._hold(args[gates[0]])
+            self.n_act += 1
+        return tuple(args)
 
     def _before_inplace(self, func, args, kwargs) -> None:
         """Keep the value and autograd edge of an LDS output before an op modifies it in place."""
@@ -331,6 +469,17 @@ class _Interceptor(TorchFunctionMode):
         outs = [o for o in _tensors(out) if o.is_floating_point() and o.requires_grad]
         if not outs:
             return  # indices, shapes, booleans, detached values: no relevance flows through them
+        if self._gates and any(self._is_gate(t) for t in tainted):
+            if func in optable.PRODUCTS and len(tainted) == 2 and sum(map(self._is_gate, tainted)) == 1:
+                return self._mark(out)  # a gate under the "gradient" rule: the plain product
+            if func in optable.LINEAR and len(tainted) == 1 and getattr(func, "__name__", "") not in (
+                    "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "sum", "mean"):
+                for o in outs:  # a view or copy of a gate is still a gate (e.g. scale.view(B, C, 1, 1))
+                    self._gates[id(o)] = weakref.ref(o)
+                return self._mark(out)
+            return self._refuse(func, "a sigmoid/hardsigmoid output is supported only as a multiplicative gate "
+                                      "(signal × gate); used any other way it has no rule (the identity rule "
+                                      "diverges at 0 for sigmoid)")
         if func in optable.LINEAR or getattr(func, "__name__", "") == "__get__":
             return self._mark(out)
         if func in optable.RULES:
@@ -417,7 +566,7 @@ class LRPTrace:
         if self.zswitch is None:
             raise RuntimeError("this trace was made without zplus=True; the z⁺ map needs it")
         q = self.logits.sum(1, keepdim=True)
-        with self.zswitch:
+        with self.zswitch, self.switch.slot1_only():  # activations: the ε-free identity rule (ReLU: plain)
             return self._relevance(q, create_graph, retain_graph, lrp_switch=False)
 
     def relevance_dual(self, create_graph: bool = False):
@@ -608,6 +757,24 @@ def _capture_outputs(model: nn.Module, names: Sequence[str], store: Dict[str, "_
             h.remove()
 
 
+def _normalise(x, dims, eps: float, centre: bool, hold):
+    """(x − mean) / σ over `dims` (no centring for RMSNorm), σ = sqrt(mean square + eps) passed
+    through `hold` (held constant in heatmap backwards)."""
+    if centre:
+        x = x - x.mean(dims, keepdim=True)
+    return x / hold(torch.sqrt(x.square().mean(dims, keepdim=True) + eps))
+
+
+def _affine(y, weight, bias, ndim):
+    """y·w + b; per trailing element (LayerNorm, ndim None) or per channel (axis 1)."""
+    shape = None if ndim is None else (1, -1) + (1,) * (ndim - 2)
+    if weight is not None:
+        y = y * (weight if shape is None else weight.reshape(shape))
+    if bias is not None:
+        y = y + (bias if shape is None else bias.reshape(shape))
+    return y
+
+
 class _HeatmapBlock(torch.autograd.Function):
     """Identity; its backward passes the ordinary gradient and blocks heatmap backwards."""
 
@@ -625,8 +792,9 @@ class _HeatmapBlock(torch.autograd.Function):
 
 def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = True, bounds=(0.0, 1.0),
           layers: Optional[Sequence[str]] = None, zb_layer: Optional[str] = None,
-          backend: Optional[str] = None, zplus: bool = False) -> LRPTrace:
-    """Run `model(x)` once under LRP-Flex; see `LRPTrace.relevance` for the heatmaps."""
+          backend: Optional[str] = None, zplus: bool = False, rules=None) -> LRPTrace:
+    """Run `model(x)` once under LRP-Flex; see `LRPTrace.relevance` for the heatmaps.  `rules`
+    overrides entries of the rule table (fisnet.rules.DEFAULT_RULES), e.g. {"norm": "gradient"}."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point image tensor, got "
                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
@@ -663,7 +831,8 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
         def reader(t):
             return _HeatmapBlock.apply(t, switches)
     outputs: Dict[str, _LDSEntry] = {}
-    mode = _Interceptor(eps, switch, backend, x_in, zb, zb_read=reader, first_weight=first_weight, zswitch=zswitch)
+    mode = _Interceptor(eps, switch, backend, x_in, zb, zb_read=reader, first_weight=first_weight, zswitch=zswitch,
+                        rules=rules)
     with torch.enable_grad(), _capture_outputs(model, layers, outputs, mode), mode:
         logits = model(x_in)
     if mode.pending is not None:
@@ -671,9 +840,10 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
     outputs = {name: outputs[name] for name in layers if name in outputs}  # the order asked for
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model returned {type(logits).__name__}; fisnet expects a logits tensor (B, K)")
-    if mode.n_relu == 0:
-        raise ValueError("the model's forward called no ReLU: LRP-Flex needs a ReLU network "
-                         "(ReLUs written as clamp/max are not recognised; use F.relu or nn.ReLU)")
+    if mode.n_relu == 0 and mode.n_act == 0:
+        raise ValueError("the model's forward called no activation: LRP-Flex needs a network with ReLUs (or the "
+                         "other activations of fisnet.rules); ReLUs written as clamp/max are not recognised: use "
+                         "F.relu or nn.ReLU")
     if zplus:
         if not mode.records:
             raise ValueError("the z⁺ rule needs conv/linear layers, and the forward called none")
@@ -736,7 +906,7 @@ def select_logits(logits: torch.Tensor, target) -> torch.Tensor:
 
 def explain(model: nn.Module, x: torch.Tensor, target=None, *, eps: float = 1e-2, zb: bool = True,
             bounds=(0.0, 1.0), create_graph: bool = False, layers: Optional[Sequence[str]] = None,
-            zb_layer: Optional[str] = None, backend: Optional[str] = None):
+            zb_layer: Optional[str] = None, backend: Optional[str] = None, rules=None):
     """LRP-Flex heatmaps of `model` at `x` (SPEC §2).
 
     target: None → the predicted class (M = 1); int or LongTensor (B,) → those classes (M = 1);
@@ -746,9 +916,12 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, *, eps: float = 1e-2
     with pixel `bounds` (low, high), scalars or per-channel; `zb_layer` names that layer when
     automatic detection fails.  create_graph=True keeps the maps differentiable in the weights.
     The model runs as it is (call model.eval() first for eval-mode BatchNorm) and is not modified.
+    rules: overrides of the rule table, {op kind: rule name} (fisnet.rules.DEFAULT_RULES,
+    fisnet.rules.describe_rules()).
     """
     with torch.enable_grad():
-        t = trace(model, x, eps=eps, zb=zb, bounds=bounds, layers=layers, zb_layer=zb_layer, backend=backend)
+        t = trace(model, x, eps=eps, zb=zb, bounds=bounds, layers=layers, zb_layer=zb_layer, backend=backend,
+                  rules=rules)
         q = select_logits(t.logits, target)
         maps = t.relevance(q, create_graph=create_graph, retain_graph=create_graph)
     if not create_graph:

@@ -162,3 +162,106 @@ def zb_relevance(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: 
     cp = layer.transpose(s, wp, shape).reshape((B, M) + tuple(a.shape[1:]))
     cn = layer.transpose(s, wn, shape).reshape((B, M) + tuple(a.shape[1:]))
     return a.unsqueeze(1) * ct - low.unsqueeze(1) * cp - high.unsqueeze(1) * cn
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule table: which heatmap backward applies at each kind of op the trace intercepts.
+#
+# Rules are nouns: each class below names one heatmap backward (its z⁺ backward for the Dual
+# ISNet is stated with it).  DEFAULT_RULES maps every op kind to the rule used unless the user
+# overrides it: `fisnet.explain(..., rules={"norm": "gradient"})`, `fisnet.ISNet(..., rules=...)`.
+# Every rule acts in the heatmap backward only; the ordinary (classification) gradient is never
+# changed, and every factor is computed from saved forward tensors with differentiable
+# operations, so the training step's double backward differentiates it.
+
+
+class Rule:
+    """One heatmap backward.  `name` is what `rules={kind: name}` uses."""
+
+    name = ""
+    kinds: tuple = ()
+    formula = ""
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Identity(Rule):
+    """Element-wise activation y = φ(z): relevance passes unchanged, the ε of the layer before is
+    applied here (LRP-ε in gradient form).  z⁺ slot: the same rule with ε = 0 (φ(z)/z; for ReLU the
+    plain derivative)."""
+
+    name, kinds = "identity", ("activation",)
+    formula = "G_z = G_y · φ(z) / (z + ε·sign z), sign 0 := +1  (ReLU: y/(y+ε))"
+
+
+class Gradient(Rule):
+    """No rule: the plain gradient (the op is treated as if it were linear).  Only on request."""
+
+    name, kinds = "gradient", ("activation", "norm", "gate")
+    formula = "G_in = the ordinary gradient"
+
+
+class WinnerTakeAll(Rule):
+    """Max-pooling: the winner takes the relevance (the plain gradient)."""
+
+    name, kinds = "winner_take_all", ("maxpool",)
+    formula = "G_in = the ordinary gradient of max"
+
+
+class Affine(Rule):
+    """BatchNorm: an affine map (the plain gradient), folded into the conv/linear before it for the
+    Zb and z⁺ rules."""
+
+    name, kinds = "affine", ("batchnorm",)
+    formula = "G_in = γ/σ · G_out"
+
+
+class ConstantScale(Rule):
+    """Normalisation with a data-dependent scale (LayerNorm, GroupNorm, InstanceNorm, RMSNorm): the
+    scale 1/σ is held constant; the centring and the affine part keep their gradient."""
+
+    name, kinds = "constant_scale", ("norm",)
+    formula = "G_x = (1/σ) · centre(w ⊙ G_y)  (σ a constant of the rule; RMSNorm: no centring)"
+
+
+class ConstantGate(Rule):
+    """Multiplicative gate, signal × sigmoid(s) or × hardsigmoid(s) (squeeze-excitation): the gate
+    is held constant, the signal receives all the relevance, the gate branch none."""
+
+    name, kinds = "constant_gate", ("gate",)
+    formula = "G_signal = gate ⊙ G_y, G_gate = 0"
+
+
+RULE_CLASSES = (Identity, Gradient, WinnerTakeAll, Affine, ConstantScale, ConstantGate)
+
+DEFAULT_RULES = {
+    "activation": "identity",      # ReLU, ReLU6, LeakyReLU, GELU (erf, tanh), SiLU, Hardswish, ELU, Mish, Softplus
+    "maxpool": "winner_take_all",  # max_pool*, adaptive_max_pool*, torch.max/amax over one tensor
+    "batchnorm": "affine",         # F.batch_norm (nn.BatchNorm*)
+    "norm": "constant_scale",      # F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm
+    "gate": "constant_gate",       # signal * sigmoid(s) / hardsigmoid(s)
+}
+
+
+def resolve_rules(overrides=None) -> dict:
+    """The rule table with `overrides` ({op kind: rule name}) applied; a clear error otherwise."""
+    table = dict(DEFAULT_RULES)
+    for kind, name in (overrides or {}).items():
+        if kind not in DEFAULT_RULES:
+            raise ValueError(f"rules: unknown op kind {kind!r}; the kinds are {', '.join(DEFAULT_RULES)} "
+                             "(the input layer's rule is chosen with zb=True/False)")
+        if isinstance(name, Rule):
+            name = name.name
+        allowed = [c.name for c in RULE_CLASSES if kind in c.kinds]
+        if name not in allowed:
+            raise ValueError(f"rules: {name!r} is not a rule for {kind!r}; choose one of {', '.join(allowed)}")
+        table[kind] = name
+    return table
+
+
+def describe_rules(overrides=None) -> str:
+    """The rule table as text: op kind, rule, heatmap backward."""
+    table = resolve_rules(overrides)
+    by_name = {c.name: c for c in RULE_CLASSES}
+    return "\n".join(f"{k:<11} {v:<16} {by_name[v].formula}" for k, v in table.items())

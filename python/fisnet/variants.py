@@ -63,15 +63,19 @@ class ISNet(nn.Module):
     model, or "default" for the built-in backbones' `lds_layers`); zb_layer (name of the first
     layer when automatic detection fails); generator (for the stochastic draws); dual_batched
     (Dual: both maps from one backward over two rule slots — the default on CUDA — or from two
-    backward passes — the default on CPU, where it measured faster).
+    backward passes — the default on CPU, where it measured faster); rules (overrides of the rule
+    table, {op kind: rule name}: fisnet.rules.DEFAULT_RULES).
     """
 
     def __init__(self, model: nn.Module, variant: str = "selective", *, eps: float = 1e-2, zb: bool = True,
                  bounds=(0.0, 1.0), selective_eps: float = 0.01, selective_class: str = "argmin",
                  lds_layers: Optional[Union[str, Sequence[str]]] = None, zb_layer: Optional[str] = None,
                  generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                 dual_batched: Optional[bool] = None):
+                 dual_batched: Optional[bool] = None, rules=None):
         super().__init__()
+        from .rules import resolve_rules
+        resolve_rules(rules)  # a clear error now rather than at the first training step
+        self.rules = dict(rules) if rules else None
         if variant not in VARIANTS:
             raise ValueError(f"unknown ISNet variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if selective_class not in SELECTIVE_CLASSES:
@@ -109,7 +113,7 @@ class ISNet(nn.Module):
             create_graph = self.training and torch.is_grad_enabled()
         with torch.enable_grad():
             t = trace(self.model, x, eps=self.eps, zb=self.zb, bounds=self.bounds, layers=self.lds_layers,
-                      zb_layer=self.zb_layer, backend=self.backend, zplus=self.variant == "dual")
+                      zb_layer=self.zb_layer, backend=self.backend, zplus=self.variant == "dual", rules=self.rules)
             logits = t.logits
             if logits.dim() != 2:
                 raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; ISNet expects (B, K)")
