@@ -99,7 +99,8 @@ NO_RULE: Dict[Callable, str] = _funcs(
 _HINT = {
     "softmax": "return logits (the ISNet and explain take softmaxes themselves); attention has no rule yet",
     "attention": "attention has no LRP rule in fisnet yet (the cp/attnlrp rules are planned)",
-    "norm": "LayerNorm/GroupNorm/InstanceNorm have no rule yet (σ held constant is planned)",
+    "norm": "the rule table treats F.layer_norm/F.group_norm/F.instance_norm/F.rms_norm (σ held constant); "
+            "call those (or nn.LayerNorm/GroupNorm/InstanceNorm) rather than this form",
 }
 
 
