@@ -208,3 +208,25 @@ def test_every_variant_on_the_rules_net(variant, seed):
     hm.square().sum().backward()
     assert net.conv1.weight.grad is not None and torch.isfinite(net.conv1.weight.grad).all()
     assert float(net.conv1.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("act", ["gelu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_zplus_with_signed_activations(act, batched, seed):
+    """The Dual ISNet's z⁺ map through activations that go negative: only positive contributions
+    count, so the map is ≥ 0, and with zero biases it conserves Σ_k z⁺_k as ε → 0."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), MODULE[act](),
+                        nn.Conv2d(6, 6, 3, padding=1, bias=False), MODULE[act](), nn.Flatten(),
+                        nn.Linear(6 * 5 * 5, 4, bias=False)).to(DT).eval()
+    x = torch.rand(3, 3, 5, 5, dtype=DT)
+    out = fisnet.ISNet(net, "dual", eps=1e-12, dual_batched=batched)(x, heatmaps=True, create_graph=False)
+    zp = out.heatmaps[:, 1]
+    assert bool((zp >= -1e-12).all()), float(zp.min())
+    with torch.no_grad():
+        feats = net[:5](x)
+        assert bool((feats < 0).any())  # the classifier's inputs are signed
+        # the classifier's z⁺ with signed inputs: W⁺a⁺ + W⁻a⁻ per class
+        w = net[5].weight
+        zplus = F.linear(feats.clamp(min=0), w.clamp(min=0)) + F.linear(feats.clamp(max=0), w.clamp(max=0))
+    torch.testing.assert_close(zp.sum((1, 2, 3)), zplus.sum(1), rtol=1e-8, atol=1e-10)

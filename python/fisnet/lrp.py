@@ -520,6 +520,7 @@ class _Interceptor(TorchFunctionMode):
         if func in CONV_FUNCS:
             vals = _call_args(_CONV_ARGS, args, kwargs)
             rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], conv_out=out)
+            rec.signed = bool((vals["input"] < 0).any())  # decides the z⁺ form (one pass over the input)
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
             tapped._fisnet_tap = rec

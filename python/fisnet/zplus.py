@@ -34,6 +34,7 @@ class LayerRecord:
     is_logits: bool = False
     tapped: Optional[torch.Tensor] = None  # the layer's output as the forward saw it (after its tap)
     bn_tapped: Optional[torch.Tensor] = None  # the BatchNorm's output after its tap
+    signed: bool = False  # the layer input has negative entries (after GELU, SiLU, LeakyReLU, …)
 
 
 def folded(rec: LayerRecord) -> LinearLayer:
@@ -44,10 +45,19 @@ def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: fl
     layer = folded(rec)
     wp = layer.weight.clamp(min=0)
     bp = None if layer.bias is None else layer.bias.clamp(min=0)
-    zp = layer.forward(rec.input, wp, bp)
+    a = rec.input
+    if not rec.signed:
+        zp = layer.forward(a, wp, bp)
+        num = zp if rec.is_logits else z
+        s = fisnet_ext.zplus_ratio(g, num, zp, eps)  # fused g·num/(z⁺+ε), with its double backward
+        return layer.transpose(s, wp, a.shape)
+    # inputs of either sign: only the positive contributions a_j·w_jk count, i.e. a⁺ with W⁺ and
+    # a⁻ with W⁻; every R_j = a_j·G_j is then ≥ 0 (docs/method.md)
+    wn = layer.weight.clamp(max=0)
+    zp = layer.forward(a.clamp(min=0), wp, bp) + layer.forward(a.clamp(max=0), wn, None)
     num = zp if rec.is_logits else z
-    s = fisnet_ext.zplus_ratio(g, num, zp, eps)  # fused g·num/(z⁺+ε), with its double backward
-    return layer.transpose(s, wp, rec.input.shape)
+    s = fisnet_ext.zplus_ratio(g, num, zp, eps)
+    return torch.where(a >= 0, layer.transpose(s, wp, a.shape), layer.transpose(s, wn, a.shape))
 
 
 class ZPlusTap(torch.autograd.Function):
