@@ -14,6 +14,12 @@ calls per measurement.  GB/s counts the bytes each op must move: fwd 2 tensors, 
 bwd_bwd 5, zplus_ratio 4, zplus_ratio_bwd 7 (copy 2), times the element size.
 
     python bench/kernels.py --device cpu --quick
+    python bench/kernels.py --device cpu --act all --sizes p20 --out /tmp/k.csv   # + lrp_act kinds
+
+With --act KINDS (comma-separated names of fisnet_ext.ACT_KINDS, or "all") the lrp_act ops join:
+one row per kind and op, ``act_fwd[gelu]``, ``act_bwd[gelu]``, ``act_bwd_bwd[gelu]`` (the bwd ops
+at eps = 1e-2 with the kind's PyTorch default parameter), and a "torch" row per kind for PyTorch's
+own forward (F.*) and ordinary backward (ATen's *_backward) for scale.
     python bench/kernels.py --device cuda                 # 2^16 .. 2^28 elements, fp32/fp16/bf16
 
 Writes bench/results/kernels-<device-name>.csv (see --out) and prints a table.
@@ -44,6 +50,43 @@ EPS = 1e-2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 COLUMNS = ["device", "backend", "op", "dtype", "numel", "ms_median", "gbps", "frac_of_copy_bw",
            "speedup_vs_reference", "torch_version"]
+
+
+ACT_OPS = ("act_fwd", "act_bwd", "act_bwd_bwd")
+ACT_MOVED = {"act_fwd": 2, "act_bwd": 3, "act_bwd_bwd": 5}
+
+
+def moved(op: str) -> int:
+    """Tensors an op must move (the lrp_act rows are named like act_bwd[gelu])."""
+    return ACT_MOVED[op.split("[")[0]] if op.startswith("act_") else TENSORS_MOVED[op]
+
+
+def act_backends(kinds, device: str) -> dict:
+    """backend -> {op[kind]: fn(x, g, gg, zp)} for the lrp_act ops of `kinds`."""
+    from fisnet_ext import act_ops
+
+    out = {}
+    fams = {"reference": act_ops.REFERENCE}
+    if device == "cpu" and act_ops.NATIVE is not None:
+        fams["cpp"] = act_ops.NATIVE
+    if device == "cuda":
+        if act_ops.ops.WITH_CUDA:
+            fams["cuda"] = act_ops.NATIVE
+        if act_ops.TRITON is not None:
+            fams["triton"] = act_ops.TRITON
+    for name, fam in fams.items():
+        fns = out.setdefault(name, {})
+        for kind in kinds:
+            code, p = act_ops.KINDS[kind], act_ops.DEFAULT_PARAM.get(kind, 0.0)
+            fns[f"act_fwd[{kind}]"] = lambda x, g, gg, zp, f=fam, c=code, p=p: f.fwd(x, c, p)
+            fns[f"act_bwd[{kind}]"] = lambda x, g, gg, zp, f=fam, c=code, p=p: f.bwd(g, x, c, p, EPS)
+            fns[f"act_bwd_bwd[{kind}]"] = lambda x, g, gg, zp, f=fam, c=code, p=p: f.bwd_bwd(gg, g, x, c, p, EPS)
+    torch_fns = out.setdefault("torch", {})
+    for kind in kinds:
+        code, p = act_ops.KINDS[kind], act_ops.DEFAULT_PARAM.get(kind, 0.0)
+        torch_fns[f"act_fwd[{kind}]"] = lambda x, g, gg, zp, c=code, p=p: act_ops.reference.act_fwd(x, c, p)
+        torch_fns[f"act_bwd[{kind}]"] = lambda x, g, gg, zp, c=code, p=p: act_ops.plain_grad(g, x, c, p)
+    return out
 
 
 def slug(name: str) -> str:
@@ -149,10 +192,8 @@ def bench_one(numel, dtype, device, impls, repeats, warmup, timer):
     x, g, gg, zp = make_inputs(numel, dtype, device)
     cases = {("torch", "copy"): lambda: x.clone()}
     for name, fns in impls.items():
-        for op in OPS:
-            fn = fns.get(op)
-            if fn is not None:  # a backend may lack an op family (an older build)
-                cases[(name, op)] = (lambda fn=fn: fn(x, g, gg, zp))
+        for op in fns:  # a backend may lack an op family (an older build)
+            cases[(name, op)] = (lambda fn=fns[op]: fn(x, g, gg, zp))
     # enough calls per measurement that one takes ~1 ms on GPU / ~2 ms on CPU at the copy speed
     bytes_per_call = 2 * numel * x.element_size()
     target = 1e9 if device == "cuda" else 2e7  # bytes per measurement
@@ -179,6 +220,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=str, default=None, help="CSV path (default bench/results/kernels-<device>.csv)")
+    p.add_argument("--act", type=str, default=None,
+                   help="also the lrp_act ops of these kinds (comma-separated names, or 'all')")
+    p.add_argument("--only-act", action="store_true", help="with --act: skip the lrp_relu and z+ rows")
     args = p.parse_args(argv)
 
     device = args.device
@@ -211,6 +255,17 @@ def main(argv=None):
     name = device_name(device)
     out = Path(args.out) if args.out else HERE / "results" / f"kernels-{slug(name)}.csv"
     impls, skipped = backends(device)
+    if args.act:
+        from fisnet_ext import act_ops
+
+        kinds = list(act_ops.KINDS) if args.act == "all" else [k.strip() for k in args.act.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in act_ops.KINDS]
+        if bad:
+            p.error(f"unknown activation kinds {bad}; choose from {list(act_ops.KINDS)} or 'all'")
+        if args.only_act:
+            impls = {}
+        for name, fns in act_backends(kinds, device).items():
+            impls.setdefault(name, {}).update(fns)
     threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     print(f"# {name} ({device}{threads}), torch {torch.__version__}; backends: {', '.join(impls)}")
     for b, why in skipped.items():
@@ -225,7 +280,7 @@ def main(argv=None):
             esize = torch.tensor([], dtype=dtype).element_size()
 
             def gbps(op, t):
-                return TENSORS_MOVED[op] * numel * esize / (t * 1e-3) / 1e9
+                return moved(op) * numel * esize / (t * 1e-3) / 1e9
 
             copy_bw = gbps("copy", ms[("torch", "copy")])
             for (backend, op), t in ms.items():

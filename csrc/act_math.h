@@ -45,7 +45,7 @@ enum Kind : int {
 };
 
 constexpr double kSoftplusThreshold = 20.0;  // PyTorch's default threshold of F.softplus
-constexpr double kEluSeries = 0.05;          // |z| below which elu's g' uses its Taylor series
+constexpr double kEluSeries = 0.25;          // |z| below which elu's g' uses its Taylor series
 
 // float / double overloads of the libm functions (host and device).
 FISNET_HD float m_exp(float v) { return ::expf(v); }
@@ -135,7 +135,8 @@ FISNET_HD void ratio(T z, T p, T& g, T& gp) {
       // d/dz expm1(z)/z = (z e^z - expm1 z)/z^2; near 0 its series sum_m (m+1) z^m / (m+2)!
       T zz = z <= T(0) ? z : T(0);
       T series = T(1) / T(2) + zz * (T(1) / T(3) + zz * (T(1) / T(8) + zz * (T(1) / T(30) +
-                 zz * (T(1) / T(144) + zz * (T(1) / T(840) + zz * (T(1) / T(5760)))))));
+                 zz * (T(1) / T(144) + zz * (T(1) / T(840) + zz * (T(1) / T(5760) + zz * (T(1) / T(45360) +
+                 zz * (T(1) / T(403200) + zz * (T(1) / T(3991680))))))))));
       T direct = (zs * (em + T(1)) - em) / (zs * zs);
       T d = (zz > T(-kEluSeries)) ? series : direct;
       gp = z > T(0) ? T(0) : p * d;
@@ -159,17 +160,19 @@ FISNET_HD void factor(T z, T p, T eps, T& h, T& hp) {
   T d = z + se;
   bool nz = d != T(0);
   T dd = nz ? d : T(1);
-  T inv = T(1) / dd;
   T g, gp;
   ratio<K, GP, T>(z, p, g, gp);
   if constexpr (K == kSoftplus) {
     T f = phi<K, T>(z, p);
-    h = f * inv;
-    if constexpr (GP) hp = (g - h) * inv;
+    h = f / dd;
+    if constexpr (GP) hp = (g - h) / dd;
   } else {
-    T r = nz ? z * inv : T(1);
+    T r = nz ? z / dd : T(1);  // a division, not z * (1/d): exactly 1 when eps == 0
     h = r * g;
-    if constexpr (GP) hp = r * gp + se * inv * inv * g;
+    if constexpr (GP) {
+      T inv = T(1) / dd;
+      hp = r * gp + se * inv * inv * g;
+    }
   }
 }
 

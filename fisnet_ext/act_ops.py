@@ -26,6 +26,7 @@ PyTorch's φ' while its `HeatmapSwitch` is off, the identity-rule factor while i
 without a switch).  Under ``switch.two_slots()`` (Dual ISNet) slot 0 gets the factor with
 `eps`, slot 1 (the z⁺ map) the identity rule with eps = 0, φ(z)/z — for relu exactly the
 plain derivative, as in lrp_relu — except softplus, whose slot 1 keeps `eps` (no pole).
+Under ``switch.slot1_only()`` the whole backward gets slot 1's rule (the z⁺ map alone).
 The op saves its input z; it has no in-place form (an in-place change of z after the call is
 caught by autograd's version check).
 """
@@ -103,7 +104,6 @@ GROUP = OpGroup(
     names=("act_fwd", "act_bwd", "act_bwd_bwd"),
     params="int kind, float param",
     reference=(reference.act_fwd, reference.act_bwd, reference.act_bwd_bwd),
-    factor=reference.act_factor,
     fwd_grad=plain_grad,
     triton=_triton,
 )
@@ -166,6 +166,8 @@ def check_act_launch(op: str, g, x, kind: int, param: float, eps: float, gg=None
 # ---- the differentiable activation -------------------------------------------------------------
 def act_backward(switch: Optional[HeatmapSwitch], ops, grad, x, kind: int, param: float, eps: float):
     """The backward of an lrp_act under `switch` (x: the activation's input)."""
+    if switch is not None and switch.active and switch.ident:  # the z⁺ map alone: slot 1's rule
+        return ops.bwd(grad, x, kind, param, eps if kind == SOFTPLUS else 0.0)
     if switch is None or switch.active:
         g_lrp = ops.bwd(grad, x, kind, param, eps)
         if switch is not None and switch.dual:  # slot 0: identity rule with eps; slot 1: eps = 0

@@ -12,8 +12,8 @@ does, in one place, what every such group needs:
 * the schemas and reference kernels when the C++ extension is missing (`define_fallback`);
 * the Triton twins ``<op>_triton`` as custom ops around the Triton launchers;
 * fake (meta) kernels, autograd (the forward's derivative is given by the group, the bwd's is
-  the bwd_bwd op, the bwd_bwd's own derivative — third derivatives — is computed in PyTorch
-  from the reference's differentiable factor), vmap rules (a batched g becomes a leading slot
+  the bwd_bwd op, the bwd_bwd's own derivative — third and higher derivatives — is autograd
+  through the reference's differentiable bwd_bwd), vmap rules (a batched g becomes a leading slot
   dim, x stays unbatched: no copy of x per seed);
 * backend choice (`choose`: the same choice and errors as `fisnet_ext.ops.family`);
 * one Python argument check (`check_slot_args`) shared with the Triton launchers; the C++
@@ -78,8 +78,8 @@ class OpGroup:
 
     names:       (fwd, bwd, bwd_bwd) op names in the ``fisnet`` namespace (schemas in C++)
     params:      schema text of the non-tensor parameters P, e.g. ``"int kind, float param"``
-    reference:   (fwd, bwd, bwd_bwd) pure-PyTorch functions with the ops' signatures
-    factor:      ``factor(x, *P, eps) -> (h, h')``, differentiable torch ops: the bwd is g*h(x)
+    reference:   (fwd, bwd, bwd_bwd) pure-PyTorch functions with the ops' signatures, written in
+                 differentiable torch ops (the bwd_bwd op's own derivative is taken through them)
     fwd_grad:    ``fwd_grad(grad, x, *P)``: the forward's ordinary derivative (differentiable)
     triton:      a function returning the module of Triton launchers ``fwd, bwd, bwd_bwd``
                  (imported lazily), or None
@@ -88,7 +88,6 @@ class OpGroup:
     names: Sequence[str]
     params: str
     reference: Sequence[Callable]
-    factor: Callable
     fwd_grad: Callable
     triton: Optional[Callable] = None
 
@@ -179,26 +178,20 @@ class OpGroup:
             ctx.rest = tuple(inputs[3:])
 
         def bwd_bwd_backward(ctx, a, b):
-            """dg = gg h, dx = gg g h' (per element): d/dgg = a h + b g h', d/dg = b gg h',
-            d/dx = a gg h' + b gg g h'' (summed over slots); h'' by autograd of the reference's h'."""
+            """Autograd of the bwd_bwd op (third derivatives): the vector-Jacobian product of the
+            reference's bwd_bwd, which is written in differentiable torch ops.  When a graph is
+            being built (create_graph=True) the saved tensors enter it as they are, so every
+            further order is exact too."""
             gg, g, x = ctx.saved_tensors
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (gg, g, x)):
-                raise NotImplementedError(
-                    f"fisnet.{bwd_bwd_name}: fourth derivatives are not implemented (create_graph=True on "
-                    "a third backward through this op)")
-            *P, eps = ctx.rest
-            with torch.enable_grad():
-                xr = x.detach().double().requires_grad_() if x.dtype != torch.float64 else \
-                    x.detach().requires_grad_()
-                h, hp = group.factor(xr, *P, eps)
-                (hpp,) = torch.autograd.grad(hp, xr, torch.ones_like(hp))
-            h, hp, hpp = (t.detach().to(g.dtype) for t in (h, hp, hpp))
+            create = torch.is_grad_enabled()
             a = torch.zeros_like(g) if a is None else a
             b = torch.zeros_like(g) if b is None else b
-            d_gg = a * h + b * g * hp
-            d_g = b * gg * hp
-            d_x = sum_slots(a * gg * hp + b * gg * g * hpp, x)
-            return (d_gg, d_g, d_x) + (None,) * (k + 1)
+            with torch.enable_grad():
+                ins = [t if (create and t.requires_grad) else t.detach().requires_grad_() for t in (gg, g, x)]
+                outs = group.reference[2](*ins, *ctx.rest)
+                grads = torch.autograd.grad(outs, ins, (a, b), create_graph=create, allow_unused=True,
+                                            materialize_grads=True)
+            return tuple(grads) + (None,) * (k + 1)
 
         torch.library.register_autograd(f"fisnet::{bwd_bwd_name}", bwd_bwd_backward, setup_context=bwd_bwd_setup)
 

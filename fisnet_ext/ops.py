@@ -290,6 +290,8 @@ def slot_mask(t: torch.Tensor, slot: int) -> torch.Tensor:
 def relu_backward(switch: Optional["HeatmapSwitch"], fam: Family, grad: torch.Tensor, x: torch.Tensor,
                   eps: float) -> torch.Tensor:
     """The backward of a ReLU under `switch` (x: its input, or its output — same sign pattern)."""
+    if switch is not None and switch.active and switch.ident:  # the z⁺ map alone: slot 1's rule
+        return torch.ops.aten.threshold_backward(grad, x, 0)
     if switch is None or switch.active:
         g_lrp = fam.bwd(grad, x, eps)
         if switch is not None and switch.dual:  # slot 0: LRP-ε factor; slot 1: plain derivative
@@ -307,11 +309,12 @@ class HeatmapSwitch:
     gets its own switch: nothing is global, and models with different eps do not interact.
     """
 
-    __slots__ = ("_depth", "dual")
+    __slots__ = ("_depth", "dual", "ident")
 
     def __init__(self):
         self._depth = 0
         self.dual = False  # two rule slots (Dual ISNet): see `two_slots`
+        self.ident = False  # slot 1's rule everywhere (the z⁺ map alone): see `slot1_only`
 
     @property
     def active(self) -> bool:
@@ -336,6 +339,19 @@ class HeatmapSwitch:
                 yield self
         finally:
             self.dual = old
+
+    @contextlib.contextmanager
+    def slot1_only(self):
+        """On, for a backward that applies, in every op sharing the switch, the rule that slot 1
+        gets under `two_slots` (the z⁺ map's pass-through: lrp_relu's plain derivative,
+        lrp_act's ε-free identity rule φ(z)/z) to the whole backward, without slots."""
+        old = self.ident
+        self.ident = True
+        try:
+            with self:
+                yield self
+        finally:
+            self.ident = old
 
     def __repr__(self):
         return f"HeatmapSwitch(active={self.active})"

@@ -154,7 +154,7 @@ import torch.nn.functional as _F
 ACT_RELU, ACT_RELU6, ACT_LEAKY, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_HARDSWISH, ACT_ELU, ACT_MISH, \
     ACT_SOFTPLUS = range(10)
 _SOFTPLUS_THRESHOLD = 20.0
-_ELU_SERIES = 0.05
+_ELU_SERIES = 0.25
 _GELU_TANH_BETA = _math.sqrt(2.0) * (2.0 / _math.sqrt(_math.pi)) * 0.5
 _GELU_TANH_KAPPA = 0.044715
 
@@ -211,7 +211,8 @@ def _act_ratio(z: torch.Tensor, kind: int, p: float):
         em = torch.expm1(zs)
         r = torch.where(z > 0, one, torch.where(neg, p * (em / zs), p * one))
         zz = torch.where(z <= 0, z, zero)
-        series = 1 / 2 + zz * (1 / 3 + zz * (1 / 8 + zz * (1 / 30 + zz * (1 / 144 + zz * (1 / 840 + zz * (1 / 5760))))))
+        series = 1 / 2 + zz * (1 / 3 + zz * (1 / 8 + zz * (1 / 30 + zz * (1 / 144 + zz * (1 / 840 + zz * (
+            1 / 5760 + zz * (1 / 45360 + zz * (1 / 403200 + zz * (1 / 3991680)))))))))
         direct = (zs * (em + 1.0) - em) / (zs * zs)
         rp = torch.where(z > 0, zero, p * torch.where(zz > -_ELU_SERIES, series, direct))
         return r, rp
@@ -231,12 +232,13 @@ def act_factor(z: torch.Tensor, kind: int, param: float, eps: float):
     se = torch.where(z < 0, torch.full_like(z, -eps), torch.full_like(z, eps))
     d = z + se
     nz = d != 0
-    inv = 1.0 / torch.where(nz, d, torch.ones_like(d))
+    dd = torch.where(nz, d, torch.ones_like(d))
     r, rp = _act_ratio(z, kind, param)
     if kind == ACT_SOFTPLUS:
-        h = act_fwd(z, kind, param) * inv
-        return h, (r - h) * inv
-    rho = torch.where(nz, z * inv, torch.ones_like(z))
+        h = act_fwd(z, kind, param) / dd
+        return h, (r - h) / dd
+    rho = torch.where(nz, z / dd, torch.ones_like(z))  # exactly 1 when eps == 0
+    inv = 1.0 / dd
     return rho * r, rho * rp + se * inv * inv * r
 
 

@@ -126,9 +126,10 @@ def _ratio(z, p, KIND: tl.constexpr, ACC: tl.constexpr):
         zz = tl.where(z <= 0, z, 0.0)
         one = tl.full([], 1.0, ACC)
         series = one / 2.0 + zz * (one / 3.0 + zz * (one / 8.0 + zz * (one / 30.0 + zz * (
-            one / 144.0 + zz * (one / 840.0 + zz * (one / 5760.0))))))
+            one / 144.0 + zz * (one / 840.0 + zz * (one / 5760.0 + zz * (one / 45360.0 + zz * (
+                one / 403200.0 + zz * (one / 3991680.0)))))))))
         direct = (zs * (em + 1.0) - em) / (zs * zs)
-        rp = tl.where(z > 0, 0.0, p * tl.where(zz > -0.05, series, direct))
+        rp = tl.where(z > 0, 0.0, p * tl.where(zz > -0.25, series, direct))
     elif KIND == 8:
         t = _tanh(_log1p(tl.exp(z)))
         r = t
@@ -147,13 +148,14 @@ def _factor(z, p, e, KIND: tl.constexpr, ACC: tl.constexpr):
     se = tl.where(z < 0, -e, e)
     d = z + se
     nz = d != 0
-    inv = 1.0 / tl.where(nz, d, 1.0)
+    dd = tl.where(nz, d, 1.0)
+    inv = 1.0 / dd
     r, rp = _ratio(z, p, KIND, ACC)
     if KIND == 9:
-        h = _phi(z, p, KIND, ACC) * inv
-        hp = (r - h) * inv
+        h = _phi(z, p, KIND, ACC) / dd
+        hp = (r - h) / dd
     else:
-        rho = tl.where(nz, z * inv, 1.0)
+        rho = tl.where(nz, z / dd, 1.0)  # exactly 1 when eps == 0
         h = rho * r
         hp = rho * rp + se * inv * inv * r
     return h.to(ACC), hp.to(ACC)
