@@ -230,3 +230,52 @@ def test_zplus_with_signed_activations(act, batched, seed):
         w = net[5].weight
         zplus = F.linear(feats.clamp(min=0), w.clamp(min=0)) + F.linear(feats.clamp(max=0), w.clamp(max=0))
     torch.testing.assert_close(zp.sum((1, 2, 3)), zplus.sum(1), rtol=1e-8, atol=1e-10)
+
+
+class ResMLP(nn.Module):
+    """Bias-free residual MLP: h = relu(W1 x); out = relu(W3 relu(W2 h) + h); logits = Wf out."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.l1, self.l2, self.l3 = (nn.Linear(12, 12, bias=False) for _ in range(3))
+        self.fc = nn.Linear(12, 4, bias=False)
+        self.inplace = inplace
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x.flatten(1)))
+        u = self.l3(torch.relu(self.l2(h)))
+        if self.inplace:
+            u += h
+        else:
+            u = h + u
+        return self.fc(torch.relu(u))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_zplus_residual_sum_is_one_layer(inplace, batched, seed):
+    """The z⁺ map through a residual sum: ≥ 0 and conservative as ε → 0 with zero biases (the sum
+    and the last linear layer of the branch are one z⁺ layer; issue 9)."""
+    torch.manual_seed(seed)
+    net = ResMLP(inplace).to(DT).eval()
+    x = torch.rand(4, 12, dtype=DT)
+    hm = fisnet.ISNet(net, "dual", eps=1e-12, zb=False, dual_batched=batched)(x, heatmaps=True).heatmaps
+    zp = hm[:, 1]
+    assert bool((zp >= 0).all())
+    with torch.no_grad():
+        h = torch.relu(net.l1(x))
+        out = torch.relu(net.l3(torch.relu(net.l2(h))) + h)
+        seeds = F.linear(out, net.fc.weight.clamp(min=0)).sum(1)
+    torch.testing.assert_close(zp.sum(1), seeds, rtol=1e-9, atol=1e-12)
+
+
+def test_zplus_resnet_lds_maps_nonnegative(seed):
+    torch.manual_seed(seed)
+    from fisnet.models import resnet18
+    m = resnet18(num_classes=3).to(DT).eval()
+    x = torch.rand(2, 3, 32, 32, dtype=DT)
+    maps = [fisnet.ISNet(m, "dual", lds_layers=["layer1", "layer2.0", "layer3"], dual_batched=b)(
+        x, heatmaps=True).heatmaps for b in (False, True)]
+    for k in maps[0]:
+        assert bool((maps[0][k][:, 1] >= 0).all()), k
+        torch.testing.assert_close(maps[0][k], maps[1][k], rtol=1e-10, atol=1e-13)

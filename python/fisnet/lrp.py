@@ -30,7 +30,7 @@ import fisnet_ext
 from . import optable
 from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, resolve_rules, zb_relevance
 from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
-from .zplus import LayerRecord, ZPlusTap
+from .zplus import LayerRecord, ZPlusSum, ZPlusTap
 
 # On CPU a batched backward over many seeds runs in chunks of seeds whose largest activation
 # (chunk x batch x bytes per image) stays under this many bytes.  K = 100, batch 32, small_cnn:
@@ -82,6 +82,9 @@ if hasattr(F, "rms_norm"):
 GATE_FUNCS = {torch.sigmoid: "torch.sigmoid", _T.sigmoid: "Tensor.sigmoid", F.sigmoid: "F.sigmoid",
               F.hardsigmoid: "F.hardsigmoid"}
 MUL_FUNCS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply, _T.multiply}
+# residual sums the z⁺ rule treats as one layer with their branches (out-of-place forms, and
+# `out += identity`, whose result Python binds to `out`)
+RESIDUAL_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.add_}
 
 UNSUPPORTED_MODULES = tuple(
     getattr(nn, n) for n in ("SELU", "CELU", "PReLU", "RReLU", "Tanh",
@@ -278,6 +281,11 @@ class _Interceptor(TorchFunctionMode):
                 zb_rec = _ZbLayer(_make_layer(CONV_FUNCS[func], vals), vals["input"], None, pad=read[0])
                 vals["input"] = self.zb_read(vals["input"])
                 args, kwargs = (), vals
+        if self.zswitch is not None and func in RESIDUAL_ADDS:
+            out = self._residual(func, args, kwargs)
+            if out is not None:
+                self._check(func, args, kwargs, out)
+                return out
         if func in TRACED_CONV_FUNCS:
             out = traced_conv(func, args, kwargs, (self.switch, self.zswitch))
         elif func is F.batch_norm and TRACED_BATCH_NORM:
@@ -524,6 +532,7 @@ class _Interceptor(TorchFunctionMode):
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
             tapped._fisnet_tap = rec
+            tapped._fisnet_branch = rec
             rec.tapped = tapped
             return tapped
         if func is F.batch_norm and self.records:
@@ -531,10 +540,36 @@ class _Interceptor(TorchFunctionMode):
             rec = self.records[-1]
             if getattr(x, "_fisnet_tap", None) is rec and rec.bn is None:
                 rec.bn = _call_args(_BN_ARGS, args, kwargs)
+                rec.bn_raw = out
                 out = ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
                 rec.bn_tapped = out
+                out._fisnet_branch = rec
                 return out
         return out
+
+    def _residual(self, func, args, kwargs):
+        """u + v with u the (BatchNorm) output of a conv: the z⁺ pass treats the sum as one layer
+        (ZPlusSum).  None when the call is not such a sum."""
+        if len(args) != 2 or kwargs.get("alpha", 1) != 1 or not all(isinstance(a, torch.Tensor) for a in args):
+            return None
+        u, v = args
+        ru, rv = self._branch(u), self._branch(v)
+        inplace = func in (_T.add_, _T.__iadd__)
+        if (ru is None and rv is None) or (inplace and ru is None):
+            return None
+        if u.shape != v.shape or u.dtype != v.dtype:
+            return None
+        a_u = ru.input if ru is not None else u
+        a_v = rv.input if rv is not None else v
+        return ZPlusSum.apply(u, v, a_u, a_v, (ru, rv), self.zswitch, self.eps, inplace)
+
+    @staticmethod
+    def _branch(t):
+        """The record of the conv whose output (after its BatchNorm, if any) `t` is."""
+        rec = getattr(t, "_fisnet_branch", None)
+        if rec is not None and rec.bn is not None and t is rec.tapped:
+            return None  # a conv followed by BatchNorm: the branch ends at the BatchNorm
+        return rec
 
 @dataclass
 class LRPTrace:

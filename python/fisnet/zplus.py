@@ -31,10 +31,16 @@ class LayerRecord:
     input: torch.Tensor
     conv_out: Optional[torch.Tensor] = None
     bn: Optional[dict] = None
+    bn_raw: Optional[torch.Tensor] = None  # the BatchNorm's output before its tap
     is_logits: bool = False
     tapped: Optional[torch.Tensor] = None  # the layer's output as the forward saw it (after its tap)
     bn_tapped: Optional[torch.Tensor] = None  # the BatchNorm's output after its tap
     signed: bool = False  # the layer input has negative entries (after GELU, SiLU, LeakyReLU, …)
+
+    @property
+    def raw_out(self) -> torch.Tensor:
+        """The layer's output (after its BatchNorm), as computed: never modified in place."""
+        return self.conv_out if self.bn is None else self.bn_raw
 
 
 def folded(rec: LayerRecord) -> LinearLayer:
@@ -86,3 +92,72 @@ class ZPlusTap(torch.autograd.Function):
         (z,) = ctx.saved_tensors
         g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
         return g_through, zplus_input_grad(rec, z, g_zp, ctx.eps), None, None, None, None
+
+
+def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor):
+    """A residual branch's positive contributions to the sum: (z⁺ part, a function G ↦ input-grad).
+    A conv/BatchNorm branch contributes its folded layer's positive contributions; an identity
+    branch its positive entries."""
+    if rec is None:
+        return v.clamp(min=0), None
+    layer = folded(rec)
+    a = rec.input
+    wp = layer.weight.clamp(min=0)
+    bp = None if layer.bias is None else layer.bias.clamp(min=0)
+    if not rec.signed:
+        return layer.forward(a, wp, bp), (lambda s: layer.transpose(s, wp, a.shape))
+    wn = layer.weight.clamp(max=0)
+    zp = layer.forward(a.clamp(min=0), wp, bp) + layer.forward(a.clamp(max=0), wn, None)
+    return zp, (lambda s: torch.where(a >= 0, layer.transpose(s, wp, a.shape), layer.transpose(s, wn, a.shape)))
+
+
+class ZPlusSum(torch.autograd.Function):
+    """u + v where u (and maybe v) is the output of a conv/BatchNorm: in the z⁺ pass the sum is one
+    layer with the last conv/BatchNorm of each branch, whose inputs are the branches' inputs (and
+    the identity input): only positive contributions count, so relevance never changes sign and is
+    conserved as ε → 0 with zero biases.  Otherwise an ordinary sum.  `inplace`: u += v (u must be
+    a branch output, so its value before the sum is not needed)."""
+
+    @staticmethod
+    def forward(ctx, u, v, a_u, a_v, recs, switch, eps, inplace):
+        ctx.recs, ctx.switch, ctx.eps = recs, switch, eps
+        if inplace:
+            u.add_(v)
+            ctx.mark_dirty(u)
+            out = u
+        else:
+            out = u + v
+        # the values of the two summands, as the backward needs them: a branch's own (unmodified)
+        # output from its record (u itself may be changed in place later, e.g. by an in-place ReLU);
+        # an identity input as saved
+        ctx.save_for_backward(None if recs[0] is not None else u, None if recs[1] is not None else v)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        sw = ctx.switch
+        rest = (None,) * 4
+        if g is None:
+            return (None,) * 8
+        if not sw.active:
+            return (g, g, None, None) + rest
+        u, v = ctx.saved_tensors
+        rec_u, rec_v = ctx.recs
+        u = rec_u.raw_out if rec_u is not None else u
+        v = rec_v.raw_out if rec_v is not None else v
+        out = u + v
+        g_through = fisnet_ext.slot_mask(g, 0) if sw.dual else None
+        g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
+        zu, back_u = _branch_zplus(rec_u, u)
+        zv, back_v = _branch_zplus(rec_v, v)
+        s = fisnet_ext.zplus_ratio(g_zp, out, zu + zv, ctx.eps)  # R_sum / (z⁺ + ε)
+        grads = []
+        for t, back in ((u, back_u), (v, back_v)):
+            if back is not None:  # a branch: to its conv's input
+                grads.append((g_through, back(s)))
+            else:  # the identity: R = t⁺ · s
+                own = s * (t > 0).to(s.dtype)
+                grads.append((own if g_through is None else g_through + own, None))
+        (g_u, g_au), (g_v, g_av) = grads
+        return (g_u, g_v, g_au, g_av) + rest
