@@ -279,3 +279,33 @@ def test_zplus_resnet_lds_maps_nonnegative(seed):
     for k in maps[0]:
         assert bool((maps[0][k][:, 1] >= 0).all()), k
         torch.testing.assert_close(maps[0][k], maps[1][k], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("follow", ["gelu", "layer_norm", "nothing"])
+def test_zb_whatever_follows_the_first_layer(follow, seed):
+    """Zb at the first conv followed by an activation, a LayerNorm (ConvNeXt's stem) or only linear
+    ops: bias-free, ε → 0, Σ R tracks the logit; and the map differs from Zb off."""
+    torch.manual_seed(seed)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 2, stride=2, bias=False)
+            self.ln = nn.LayerNorm(4, elementwise_affine=False)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.fc = nn.Linear(4 * 4 * 4, 3, bias=False)
+
+        def forward(self, x):
+            h = self.stem(x)
+            if follow == "gelu":
+                h = F.gelu(h)
+            elif follow == "layer_norm":
+                h = self.ln(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.fc(F.gelu(self.conv(h)).flatten(1))
+
+    m = M().to(DT)
+    x = torch.rand(2, 3, 8, 8, dtype=DT)
+    r = fisnet.explain(m, x, 1, eps=1e-12)
+    torch.testing.assert_close(r.sum((1, 2, 3, 4)), m(x)[:, 1], rtol=1e-8, atol=1e-10)
+    assert torch.isfinite(r).all()
+    assert not torch.allclose(r, fisnet.explain(m, x, 1, eps=1e-12, zb=False))

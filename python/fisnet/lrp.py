@@ -379,6 +379,12 @@ class _Interceptor(TorchFunctionMode):
         else:
             y = fisnet_ext.lrp_act(x, kind, self.eps, self.switch, self.backend, param=param)
         self.n_act += 1
+        rec = self._zb_by_out.get(id(x))
+        if rec is not None and rec.neuron is x:  # a Zb layer's activation: R_out is taken at its output
+            if rec.relu_output is None and not rec.other_uses:
+                rec.relu_output = y
+            else:
+                rec.other_uses.append(optable.func_name(func))
         if self._tainted(x):
             self._mark(y)
         return y
