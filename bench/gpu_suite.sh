@@ -129,8 +129,8 @@ if [ "$CUDA" = 1 ]; then
   BIG="--device cuda --size 224 --batch 32 --repeats 5 --variants plain,bare,selective,stochastic,dual,dual_slots"
   BIGCAP=75
 else  # rehearsal: the same code paths at a toy size (no memory step, three variants)
-  BIG="--device cpu --size 32 --batch 1 --repeats 1 --no-memory --threads 2 --variants plain,selective,dual_slots"
-  BIGCAP=60
+  BIG="--device cpu --size 32 --batch 2 --repeats 1 --no-memory --threads 2 --variants plain,selective,dual_slots"
+  BIGCAP=90
 fi
 for m in resnet50 densenet121; do
   for ac in none bf16; do
@@ -145,10 +145,10 @@ if [ "$CUDA" = 1 ]; then
   part scaling-k 120 "$PY" bench/scaling.py --device cuda --classes 2,10,100,1000 --batch 32 --repeats 5 \
     --max-loop 100 --out "$OUTDIR"
 else
-  part scaling-settings 60 "$PY" bench/scaling.py --device cpu --setting a,b --batch 2 --size 16 --repeats 1 \
+  part scaling-settings 90 "$PY" bench/scaling.py --device cpu --setting a,b --batch 2 --size 16 --repeats 1 \
     --threads 2 --out "$OUTDIR"
-  part scaling-k 60 "$PY" bench/scaling.py --device cpu --classes 2,3 --batch 2 --size 12 --width 4 --repeats 1 \
-    --threads 2 --out "$OUTDIR"
+  part scaling-k 90 "$PY" bench/scaling.py --device cpu --classes 2,3 --batch 2 --size 12 --width 4 --repeats 1 \
+    --threads 2 --no-memory --out "$OUTDIR"
 fi
 
 # 6. one readable summary of the CSVs
