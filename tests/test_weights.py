@@ -283,3 +283,12 @@ def test_cli_train_weights_flag(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1
     assert "weights file" in err[0] and "missing.pth" in err[0] and "does not exist" in err[0]
+
+
+def test_every_builder_takes_weights_and_names_its_classifier():
+    import inspect
+    for name in models.names():
+        fn = models._REGISTRY[name]
+        assert "weights" in inspect.signature(fn).parameters, f"{name} has no weights= argument"
+    for cls in (models.ResNet, models.DenseNet, models.VGG, models.SmallCNN):
+        assert getattr(cls, "classifier_modules", None), f"{cls.__name__} names no classifier"
