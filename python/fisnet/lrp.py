@@ -883,9 +883,9 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model returned {type(logits).__name__}; fisnet expects a logits tensor (B, K)")
     if mode.n_relu == 0 and mode.n_act == 0:
-        raise ValueError("the model's forward called no activation: LRP-Flex needs a network with ReLUs (or the "
-                         "other activations of fisnet.rules); ReLUs written as clamp/max are not recognised: use "
-                         "F.relu or nn.ReLU")
+        raise ValueError("the model's forward called no ReLU (nor another activation of the rule table, "
+                         "fisnet.rules): LRP-Flex needs a network with activations; ReLUs written as clamp/max are "
+                         "not recognised: use F.relu or nn.ReLU")
     if zplus:
         if not mode.records:
             raise ValueError("the z⁺ rule needs conv/linear layers, and the forward called none")
