@@ -52,8 +52,9 @@ def _machine() -> Dict[str, str]:
 
 def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int = 0, quick: bool = False,
              epochs: Optional[int] = None, plain_epochs: Optional[int] = None, device: Optional[str] = None,
-             progress: bool = True, **overrides) -> Dict:
-    """The biased-digits demo (see ``fisnet demo --help``). Returns the report dict."""
+             progress: bool = True, backbone: str = "small_cnn", **overrides) -> Dict:
+    """The biased-digits demo (see ``fisnet demo --help``). Returns the report dict.
+    `backbone`: any name of ``fisnet.models.names()`` (``width`` applies to small_cnn only)."""
     from . import ISNet, models
     from .cuts import estimate_cuts
     from .data import make_biased_digits
@@ -77,6 +78,12 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
     timings["data_s"] = time.perf_counter() - t
     spec = {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "width": p["width"],
             "batchnorm": bool(p["batchnorm"])}
+    if backbone != "small_cnn":
+        if backbone not in models.names():
+            raise ValueError(f"--backbone {backbone!r} is not a fisnet backbone; choose one of: {', '.join(models.names())}")
+        if overrides.get("width") is not None:
+            raise ValueError("--width sets the small_cnn's width; it does not apply to --backbone " + backbone)
+        spec = {"name": backbone, "num_classes": 10, "in_channels": 1}
 
     def fresh_model():
         torch.manual_seed(seed)
@@ -430,7 +437,8 @@ def cmd_demo(args) -> int:
     _threads(args.threads)
     run_demo(out=args.out, variant=args.variant, seed=args.seed, quick=args.quick, epochs=args.epochs,
              plain_epochs=args.plain_epochs, device=args.device, progress=not args.no_progress,
-             width=args.width, n_train=args.n_train, lr=args.lr, P=args.P, batch_size=args.batch_size)
+             width=args.width, n_train=args.n_train, lr=args.lr, P=args.P, batch_size=args.batch_size,
+             backbone=args.backbone)
     return 0
 
 
@@ -464,8 +472,9 @@ def _add_data_args(p):
 
 def _add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="small_cnn",
-                   help="backbone: small_cnn, resnet18/34/50, densenet121, vgg11/16[_bn] (default small_cnn)")
+    g.add_argument("--model", "--backbone", dest="model", default="small_cnn",
+                   help="backbone: small_cnn, resnet18/34/50, densenet121, vgg11/16[_bn], mobilenet_v2[_micro], "
+                        "efficientnet_b0, efficientnet_micro, convnext_tiny, convnext_micro (default small_cnn)")
     g.add_argument("--width", type=int, default=32, help="small_cnn width (default 32)")
     g.add_argument("--no-batchnorm", action="store_true", help="small_cnn without BatchNorm")
     g.add_argument("--variant", default="selective", choices=["selective", "original", "stochastic", "dual"],
@@ -496,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plain-epochs", type=int, help=f"plain classifier epochs (default {DEMO_DEFAULTS['plain_epochs']})")
     d.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default 0)")
     d.add_argument("--quick", action="store_true", help="a tiny run for tests (seconds; the numbers mean nothing)")
+    d.add_argument("--backbone", default="small_cnn", metavar="NAME",
+                   help="backbone, any of fisnet.models.names(): small_cnn (default), mobilenet_v2_micro, "
+                        "efficientnet_micro, convnext_micro (CPU-sized, docs/backbones.md), resnet18, ...")
     d.add_argument("--width", type=int, help=f"small_cnn width (default {DEMO_DEFAULTS['width']})")
     d.add_argument("--n-train", type=int, help=f"training digits (default {DEMO_DEFAULTS['n_train']})")
     d.add_argument("--lr", type=float, help=f"learning rate (default {DEMO_DEFAULTS['lr']}, Adam)")

@@ -22,7 +22,10 @@ from typing import Callable, Dict, Tuple
 
 import torch.nn as nn
 
+from .convnext import ConvNeXt, convnext_micro, convnext_tiny
 from .densenet import DenseNet, densenet121
+from .efficientnet import EfficientNet, efficientnet_b0, efficientnet_micro
+from .mobilenet import MobileNetV2, mobilenet_v2, mobilenet_v2_micro
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from .small import SmallCNN, small_cnn
 from .vgg import VGG, vgg11, vgg11_bn, vgg16, vgg16_bn
@@ -31,6 +34,8 @@ from .weights import WeightsReport, load_weights, read_state_dict
 __all__ = ["build", "names", "default_lds_layers", "ResNet", "BasicBlock", "Bottleneck",
            "DenseNet", "VGG", "SmallCNN", "resnet18", "resnet34", "resnet50", "densenet121",
            "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "small_cnn",
+           "MobileNetV2", "EfficientNet", "ConvNeXt", "mobilenet_v2", "mobilenet_v2_micro",
+           "efficientnet_b0", "efficientnet_micro", "convnext_tiny", "convnext_micro",
            "load_weights", "read_state_dict", "WeightsReport"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
@@ -43,6 +48,12 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,
     "vgg11_bn": vgg11_bn,
     "vgg16_bn": vgg16_bn,
+    "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v2_micro": mobilenet_v2_micro,
+    "efficientnet_b0": efficientnet_b0,
+    "efficientnet_micro": efficientnet_micro,
+    "convnext_tiny": convnext_tiny,
+    "convnext_micro": convnext_micro,
 }
 
 
