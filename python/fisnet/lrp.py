@@ -81,6 +81,7 @@ if hasattr(F, "rms_norm"):
     NORM_FUNCS[F.rms_norm] = "rms_norm"
 GATE_FUNCS = {torch.sigmoid: "torch.sigmoid", _T.sigmoid: "Tensor.sigmoid", F.sigmoid: "F.sigmoid",
               F.hardsigmoid: "F.hardsigmoid"}
+ATTENTION_FUNCS = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
 MUL_FUNCS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply, _T.multiply}
 # residual sums the z⁺ rule treats as one layer with their branches (out-of-place forms, and
 # `out += identity`, whose result Python binds to `out`)
@@ -89,8 +90,7 @@ RESIDUAL_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.add
 UNSUPPORTED_MODULES = tuple(
     getattr(nn, n) for n in ("SELU", "CELU", "PReLU", "RReLU", "Tanh",
                              "Softsign", "Tanhshrink", "Threshold", "LogSigmoid", "GLU",
-                             "Softshrink", "Hardshrink", "Softmax", "LogSoftmax", "Softmax2d",
-                             "MultiheadAttention")
+                             "Softshrink", "Hardshrink", "Softmax", "LogSoftmax", "Softmax2d")
     if hasattr(nn, n)
 )
 
@@ -265,6 +265,8 @@ class _Interceptor(TorchFunctionMode):
             return self._norm(func, args, kwargs)
         if func in GATE_FUNCS:
             return self._gate(func, args, kwargs)
+        if func in ATTENTION_FUNCS:
+            return self._attention(func, args, kwargs)
         if func in MUL_FUNCS and self._gates and self.rules["gate"] == "constant_gate":
             args = self._hold_gates(args)
         if func in UNSUPPORTED_FUNCS:
@@ -437,6 +439,118 @@ class _Interceptor(TorchFunctionMode):
 
     def _hold(self, t):
         return _HeatmapBlock.apply(t, self.switches)
+
+    # -- attention (kind "attention") ---------------------------------------------------------
+    def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, training=True):
+        """softmax(q kᵀ·scale + mask) v by the math path (differentiable twice), with the rule of the
+        table: "cp" holds A constant in heatmap backwards, "attnlrp" scales the gradients reaching
+        q, k (1/4) and v (1/2) in heatmap backwards.  Returns (out, A)."""
+        rule = self.rules["attention"]
+        if rule == "attnlrp":
+            q = _HeatmapScale.apply(q, 0.25, self.switches)
+            k = _HeatmapScale.apply(k, 0.25, self.switches)
+            v = _HeatmapScale.apply(v, 0.5, self.switches)
+        L, S = q.shape[-2], k.shape[-2]
+        scale = 1.0 / (q.shape[-1] ** 0.5) if scale is None else float(scale)
+        logits = torch.matmul(q, k.transpose(-2, -1)) * scale
+        if is_causal:
+            causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+            logits = logits.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
+            else:
+                logits = logits + attn_mask
+        a = torch.softmax(logits, dim=-1)
+        if dropout_p > 0.0 and training:
+            a = F.dropout(a, dropout_p)
+        a_used = self._hold(a) if rule == "cp" else a
+        return torch.matmul(a_used, v), a
+
+    def _attention(self, func, args, kwargs):
+        which = ATTENTION_FUNCS[func]
+        tensors = [t for t in _tensors(args) if self._tainted(t)] + \
+            [t for t in _tensors(list(kwargs.values())) if self._tainted(t)]
+        if not tensors or self.rules["attention"] == "gradient":
+            out = func(*args, **kwargs)
+            if tensors:
+                self._mark(out)
+            return out
+        if which == "sdpa":
+            v = _call_args(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+                           args, kwargs)
+            if v.get("enable_gqa"):
+                self._raise(func, UnsupportedActivationError(
+                    "F.scaled_dot_product_attention with enable_gqa=True has no attention rule in fisnet yet"))
+                return func(*args, **kwargs)
+            out, _ = self._sdpa(v["query"], v["key"], v["value"], v.get("attn_mask"), float(v.get("dropout_p", 0.0)),
+                                bool(v.get("is_causal", False)), v.get("scale"))
+            self._mark(out)
+            return out
+        return self._mha(func, args, kwargs)
+
+    def _mha(self, func, args, kwargs):
+        """F.multi_head_attention_forward (nn.MultiheadAttention's slow path, which the trace always
+        takes: its inputs require grad) with the attention rule; common options only."""
+        names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+                 "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+                 "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+                 "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+        v = _call_args(names, args, kwargs)
+        unsupported = [n for n in ("bias_k", "bias_v", "static_k", "static_v") if v.get(n) is not None]
+        if v.get("add_zero_attn"):
+            unsupported.append("add_zero_attn")
+        if unsupported:
+            self._raise(func, UnsupportedActivationError(
+                f"nn.MultiheadAttention with {', '.join(unsupported)} has no attention rule in fisnet yet"))
+            return func(*args, **kwargs)
+        q, k, val = v["query"], v["key"], v["value"]
+        batched = q.dim() == 3
+        if not batched:
+            q, k, val = q.unsqueeze(1), k.unsqueeze(1), val.unsqueeze(1)
+        L, N, E = q.shape
+        S = k.shape[0]
+        H = int(v["num_heads"])
+        if v.get("use_separate_proj_weight"):
+            wq, wk, wv = v["q_proj_weight"], v["k_proj_weight"], v["v_proj_weight"]
+        else:
+            wq, wk, wv = v["in_proj_weight"].chunk(3)
+        b = v.get("in_proj_bias")
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        qp, kp, vp = F.linear(q, wq, bq), F.linear(k, wk, bk), F.linear(val, wv, bv)
+
+        def heads(t, n):  # (n, N, E) -> (N, H, n, E/H)
+            return t.reshape(n, N, H, E // H).permute(1, 2, 0, 3)
+
+        mask = v.get("attn_mask")
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                mask = mask.to(qp.dtype)
+            mask = mask.reshape(1, 1, L, S) if mask.dim() == 2 else mask.reshape(N, H, L, S)
+        kpm = v.get("key_padding_mask")
+        if kpm is not None:
+            kpm = kpm.reshape(N, 1, 1, S)
+            add = torch.zeros_like(kpm, dtype=qp.dtype).masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool \
+                else kpm.to(qp.dtype)
+            if mask is None:
+                mask = add
+            elif mask.dtype == torch.bool:
+                mask = torch.zeros_like(mask, dtype=qp.dtype).masked_fill(~mask, float("-inf")) + add
+            else:
+                mask = mask + add
+        out, a = self._sdpa(heads(qp, L), heads(kp, S), heads(vp, S), mask, float(v.get("dropout_p", 0.0)),
+                            bool(v.get("is_causal", False)) and mask is None, None, bool(v.get("training", True)))
+        out = out.permute(2, 0, 1, 3).reshape(L, N, E)
+        out = F.linear(out, v["out_proj_weight"], v.get("out_proj_bias"))
+        weights = None
+        if v.get("need_weights", True):
+            weights = a.mean(1) if v.get("average_attn_weights", True) else a
+            if not batched:
+                weights = weights.squeeze(0)
+        if not batched:
+            out = out.squeeze(1)
+        self._mark(out)
+        return out, weights
 
     def _gate(self, func, args, kwargs):
         """sigmoid / hardsigmoid: computed as usual; an input-dependent result is a gate, allowed
@@ -815,6 +929,21 @@ def _affine(y, weight, bias, ndim):
     if bias is not None:
         y = y + (bias if shape is None else bias.reshape(shape))
     return y
+
+
+class _HeatmapScale(torch.autograd.Function):
+    """Identity; its backward scales the gradient by `c` while a heatmap switch is on."""
+
+    @staticmethod
+    def forward(ctx, t, c, switches):
+        ctx.c, ctx.switches = c, switches
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        if any(s.active for s in ctx.switches):
+            return g * ctx.c, None, None
+        return g, None, None
 
 
 class _HeatmapBlock(torch.autograd.Function):

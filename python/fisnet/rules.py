@@ -233,7 +233,27 @@ class ConstantGate(Rule):
     formula = "G_signal = gate ⊙ G_y, G_gate = 0"
 
 
-RULE_CLASSES = (Identity, Gradient, WinnerTakeAll, Affine, ConstantScale, ConstantGate)
+class ConstantAttention(Rule):
+    """CP-LRP (Ali et al. 2022): the attention weights A = softmax(q kᵀ/√d) are held constant; v
+    receives all the relevance, q and k none."""
+
+    name, kinds = "cp", ("attention",)
+    formula = "G_v = Aᵀ G_o, G_q = G_k = 0"
+
+
+class AttnLRP(Rule):
+    """AttnLRP (Achtibat et al. 2024) in gradient form: the uniform rule on both matrix products,
+    i.e. the ordinary backward through the attention with the gradients reaching q and k scaled by
+    1/4 and the gradient reaching v by 1/2 (the softmax's own gradient between them)."""
+
+    name, kinds = "attnlrp", ("attention",)
+    formula = "ordinary backward; G_q, G_k × 1/4, G_v × 1/2"
+
+
+Gradient.kinds = Gradient.kinds + ("attention",)
+
+RULE_CLASSES = (Identity, Gradient, WinnerTakeAll, Affine, ConstantScale, ConstantGate, ConstantAttention,
+                AttnLRP)
 
 DEFAULT_RULES = {
     "activation": "identity",      # ReLU, ReLU6, LeakyReLU, GELU (erf, tanh), SiLU, Hardswish, ELU, Mish, Softplus
@@ -241,6 +261,7 @@ DEFAULT_RULES = {
     "batchnorm": "affine",         # F.batch_norm (nn.BatchNorm*)
     "norm": "constant_scale",      # F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm
     "gate": "constant_gate",       # signal * sigmoid(s) / hardsigmoid(s)
+    "attention": "cp",             # F.scaled_dot_product_attention, nn.MultiheadAttention
 }
 
 
