@@ -60,8 +60,9 @@ def scaling_section(path):
         return format(float(v), fmt) if v not in (None, "") else "-"
     for r in rows:
         note = r.get("error") or ("skipped" if not r["ms_median"] else "")
-        lines.append(f"| {r['variant']} | {r['classes']} | {f(r['ms_median'], '.1f')} | {f(r['ratio_to_plain'], '.2f')} "
-                     f"| {f(r.get('peak_mb'), '.1f')} | {f(r.get('peak_ratio_to_plain'), '.2f')} | {note} |")
+        lines.append(f"| {r['variant']} | {r['classes']} | {f(r['ms_median'], '.1f')} "
+                     f"| {f(r['ratio_to_plain'], '.2f')} | {f(r.get('peak_mb'), '.1f')} "
+                     f"| {f(r.get('peak_ratio_to_plain'), '.2f')} | {note} |")
     return lines
 
 

@@ -105,14 +105,13 @@ fi
 
 # 2. the CUDA tests: every test marked `cuda`, and the Triton tests (real GPU kernels there)
 if [ "$CUDA" = 1 ]; then
-  part tests-cuda 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests \
+  part tests-cuda 120 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests \
     --junitxml="$OUTDIR/tests-cuda.xml"
   part tests-triton 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_bn_triton.py \
     --junitxml="$OUTDIR/tests-triton.xml"
 else
   # rehearsal: the same selection, collected and skipped here (checks the command, not the kernels)
-  part tests-cuda 60 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_ops.py tests/test_bn_ops.py \
-    tests/test_zplus_ops.py
+  part tests-cuda 90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests
   skip tests-triton "no CUDA device (they run under the CPU interpreter in the ordinary test suite)"
 fi
 
@@ -129,7 +128,7 @@ if [ "$CUDA" = 1 ]; then
   BIG="--device cuda --size 224 --batch 32 --repeats 5 --variants plain,bare,selective,stochastic,dual,dual_slots"
   BIGCAP=75
 else  # rehearsal: the same code paths at a toy size (no memory step, three variants)
-  BIG="--device cpu --size 32 --batch 2 --repeats 1 --no-memory --threads 2 --variants plain,selective,dual_slots"
+  BIG="--device cpu --size 32 --batch 2 --repeats 1 --no-memory --threads 1 --variants plain,selective,dual_slots"
   BIGCAP=90
 fi
 for m in resnet50 densenet121; do
@@ -146,9 +145,9 @@ if [ "$CUDA" = 1 ]; then
     --max-loop 100 --out "$OUTDIR"
 else
   part scaling-settings 90 "$PY" bench/scaling.py --device cpu --setting a,b --batch 2 --size 16 --repeats 1 \
-    --threads 2 --out "$OUTDIR"
+    --threads 1 --out "$OUTDIR"
   part scaling-k 90 "$PY" bench/scaling.py --device cpu --classes 2,3 --batch 2 --size 12 --width 4 --repeats 1 \
-    --threads 2 --no-memory --out "$OUTDIR"
+    --threads 1 --no-memory --out "$OUTDIR"
 fi
 
 # 6. one readable summary of the CSVs
