@@ -250,7 +250,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if not args.no_baseline:
-        res, failed = run_one(None, tests, args.timeout, args.python, False, keyword, args.rev)
+        res, failed = run_one(None, tests, args.timeout, args.python, True, keyword, args.rev)  # list every failure
         if res != "survived":
             print(f"mutate: the tests fail WITHOUT a mutant ({res}); fix them first (or use --rev HEAD while "
                   f"others edit the tree):", file=sys.stderr)
