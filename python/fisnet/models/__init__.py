@@ -1,7 +1,9 @@
-"""Backbones written here (no torchvision): ResNet, DenseNet, VGG and a small CNN.
+"""Backbones written here (no torchvision): ResNet, DenseNet, VGG and a small CNN (ReLU only), and
+MobileNet-V2 (ReLU6), EfficientNet-B0 (SiLU, squeeze-excitation) and ConvNeXt-Tiny (GELU,
+LayerNorm) with CPU-sized ``*_micro`` configurations (docs/backbones.md).
 
-All are ReLU-only networks in the torchvision module layout, so LRP-Flex (which intercepts
-``nn.ReLU`` modules and ``F.relu`` calls) works on them unchanged. Every builder takes the keyword
+All are in the torchvision module layout and names, and LRP-Flex traces them unchanged (its rule
+table, ``fisnet.rules.DEFAULT_RULES``, covers their activations, norms and gates). Every builder takes the keyword
 arguments ``num_classes=10`` and ``in_channels=3``; every model has ``model.lds_layers``, a tuple
 of module names (keys of ``dict(model.named_modules())``) whose outputs are the default LDS layers.
 
@@ -29,6 +31,7 @@ from .mobilenet import MobileNetV2, mobilenet_v2, mobilenet_v2_micro
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from .small import SmallCNN, small_cnn
 from .vgg import VGG, vgg11, vgg11_bn, vgg16, vgg16_bn
+from .vit import VisionTransformer, vit_digits, vit_small, vit_tiny
 from .weights import WeightsReport, load_weights, read_state_dict
 
 __all__ = ["build", "names", "default_lds_layers", "ResNet", "BasicBlock", "Bottleneck",
@@ -36,6 +39,7 @@ __all__ = ["build", "names", "default_lds_layers", "ResNet", "BasicBlock", "Bott
            "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "small_cnn",
            "MobileNetV2", "EfficientNet", "ConvNeXt", "mobilenet_v2", "mobilenet_v2_micro",
            "efficientnet_b0", "efficientnet_micro", "convnext_tiny", "convnext_micro",
+           "VisionTransformer", "vit_tiny", "vit_small", "vit_digits",
            "load_weights", "read_state_dict", "WeightsReport"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
@@ -54,6 +58,9 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "efficientnet_micro": efficientnet_micro,
     "convnext_tiny": convnext_tiny,
     "convnext_micro": convnext_micro,
+    "vit_tiny": vit_tiny,
+    "vit_small": vit_small,
+    "vit_digits": vit_digits,
 }
 
 
