@@ -65,7 +65,7 @@ COMPARE_DEFAULTS: Dict[int, Dict[str, Any]] = {
     100: dict(n_train=10000, n_test=1000, width=8, batchnorm=True, batch_size=64, optimizer="adam", lr=3e-3,
               lr_schedule="cosine", P=0.7, cuts_images=1000, rrr_lambdas=(10.0, 100.0, 1000.0),
               rrr_choose_epochs=1, figure_images=3,
-              budgets={"plain": {"epochs": 6}, "rrr": {"epochs": 30}, "original": {"epochs": 3, "train_images": 2000},
+              budgets={"plain": {"epochs": 6}, "rrr": {"epochs": 30}, "original": {"epochs": 1, "train_images": 1000},
                        "selective": {"epochs": 30}, "stochastic": {"epochs": 30}, "dual": {"epochs": 30}}),
 }
 QUICK_COMPARE: Dict[str, Any] = dict(n_train=64, n_test=16, width=4, batch_size=32, cuts_images=64,
@@ -192,7 +192,7 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
         nonlocal dev
         subset, ep = budget_set(method)
         cfg.epochs, cfg.run_name = ep, method
-        say(f"training {method} ({wanted.index(method) + 1}/{len(wanted)}): {ep} epoch(s) on {len(subset)} images")
+        say(f"training {method} ({len(spe) + 1}/{len(wanted)}): {ep} epoch(s) on {len(subset)} images")
         t = time.perf_counter()
         tr = Trainer(fresh_model(), subset, None, None, cfg, cuts=cuts)
         tr.fit()
