@@ -105,6 +105,9 @@ def test_builds_and_names():
     d = models.build("vit_digits", num_classes=10)
     assert d(torch.rand(2, 1, 36, 36)).shape == (2, 10)
     assert "vit_digits" in models.names() and "vit_tiny" in models.names()
+    # the demo's 36 px digits through vit_tiny's 16 px patches: a 2x2 grid, interpolated position embedding
+    t = models.build("vit_tiny", in_channels=1).eval()
+    assert t(torch.rand(1, 1, 36, 36)).shape == (1, 10)
 
 
 def test_bad_config_and_input():
