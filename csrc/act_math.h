@@ -111,11 +111,14 @@ FISNET_HD void ratio(T z, T p, T& g, T& gp) {
     g = T(0.5) * (T(1) + m_erf(z * T(M_SQRT1_2)));
     if constexpr (GP) gp = m_exp(T(-0.5) * z * z) * T(0.5 * M_2_SQRTPI * M_SQRT1_2);
   } else if constexpr (K == kGeluTanh) {
+    // g = (1 + tanh u)/2 = sigmoid(2u): one exp instead of tanh; g' = 2 g (1 - g) u'
     const T beta = T(M_SQRT2 * M_2_SQRTPI * 0.5);
     const T kappa = T(0.044715);
-    T t = m_tanh(beta * (z + kappa * (z * z * z)));
-    g = T(0.5) * (T(1) + t);
-    if constexpr (GP) gp = T(0.5) * (T(1) - t * t) * beta * (T(1) + T(3) * kappa * z * z);
+    T u = beta * (z + kappa * (z * z * z));
+    T e = m_exp(T(-2) * u);
+    g = T(1) / (T(1) + e);
+    // g (1 - g) = e g^2: no cancellation where g is near 1; 0 where e overflows (g == 0)
+    if constexpr (GP) gp = (g > T(0) ? T(2) * e * g * g : T(0)) * beta * (T(1) + T(3) * kappa * z * z);
   } else if constexpr (K == kSilu) {
     T s = T(1) / (T(1) + m_exp(-z));
     g = s;
@@ -142,9 +145,15 @@ FISNET_HD void ratio(T z, T p, T& g, T& gp) {
       gp = z > T(0) ? T(0) : p * d;
     }
   } else if constexpr (K == kMish) {
-    T t = m_tanh(m_log1p(m_exp(z)));
-    g = t;
-    if constexpr (GP) gp = (T(1) - t * t) / (T(1) + m_exp(-z));
+    // tanh(log(1 + e)) = n / (n + 2) with e = exp z, n = e (e + 2): one exp instead of exp, log1p
+    // and tanh; 1 - g^2 = 4 (n + 1) / (n + 2)^2 and sigmoid z = e / (1 + e).  For z > 20, g
+    // rounds to 1 in float and double (and g' to 0, as 1 - tanh^2 does).
+    bool big = z > T(20);
+    T e = m_exp(big ? T(0) : z);
+    T n = e * (e + T(2));
+    T inv = T(1) / (n + T(2));
+    g = big ? T(1) : n * inv;
+    if constexpr (GP) gp = big ? T(0) : T(4) * (n + T(1)) * inv * inv * (e / (T(1) + e));
   } else {  // kSoftplus: g is phi'
     T bz = z * p;
     T e = m_exp(bz > T(kSoftplusThreshold) ? T(0) : bz);
@@ -161,9 +170,13 @@ FISNET_HD void factor(T z, T p, T eps, T& h, T& hp) {
   bool nz = d != T(0);
   T dd = nz ? d : T(1);
   T g, gp;
-  ratio<K, GP, T>(z, p, g, gp);
+  if constexpr (K != kSoftplus) ratio<K, GP, T>(z, p, g, gp);
   if constexpr (K == kSoftplus) {
-    T f = phi<K, T>(z, p);
+    T bz = z * p;
+    bool big = bz > T(kSoftplusThreshold);
+    T e = m_exp(big ? T(0) : bz);  // one exp for phi and phi' (g)
+    T f = big ? z : m_log1p(e) / p;
+    g = big ? T(1) : e / (e + T(1));
     h = f / dd;
     if constexpr (GP) hp = (g - h) / dd;
   } else {

@@ -67,6 +67,11 @@ inline void check_act_kind(const char* op, int64_t kind, double param) {
   TORCH_CHECK(kind != 9 || param > 0.0, "fisnet.", op, ": softplus needs beta (param) > 0, got ", param);
 }
 
+// The forward of the lrp_act kinds that need libm (gelu, gelu_tanh, silu, elu, mish, softplus):
+// PyTorch's own kernels on the tensor's device (csrc/cpu/act.cpp); an undefined tensor for the
+// piecewise-linear kinds, which have their own loops.
+at::Tensor act_fwd_aten(const at::Tensor& x, int64_t kind, double param);
+
 // The backward ops also take eps: finite, and > 0 for softplus (softplus(0) > 0, so the identity
 // rule phi(z)/z has a pole at 0).  The slot checks (check_slot_args) test eps >= 0.
 inline void check_act_eps(const char* op, int64_t kind, double eps) {

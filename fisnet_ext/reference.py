@@ -197,9 +197,11 @@ def _act_ratio(z: torch.Tensor, kind: int, p: float):
         return torch.where(z > 0, one, p * one), zero
     if kind == ACT_GELU:
         return 0.5 * (1.0 + torch.erf(z * _math.sqrt(0.5))), torch.exp(-0.5 * z * z) / _math.sqrt(2.0 * _math.pi)
-    if kind == ACT_GELU_TANH:
-        t = torch.tanh(_GELU_TANH_BETA * (z + _GELU_TANH_KAPPA * (z * z * z)))
-        return 0.5 * (1.0 + t), 0.5 * (1.0 - t * t) * _GELU_TANH_BETA * (1.0 + 3.0 * _GELU_TANH_KAPPA * z * z)
+    if kind == ACT_GELU_TANH:  # (1 + tanh u)/2 = sigmoid(2u) = 1/(1 + e), e = exp(-2u); g(1-g) = e g^2
+        e = torch.exp(-2.0 * (_GELU_TANH_BETA * (z + _GELU_TANH_KAPPA * (z * z * z))))
+        r = 1.0 / (1.0 + e)
+        w = torch.where(r > 0, 2.0 * e * r * r, torch.zeros_like(z))
+        return r, w * _GELU_TANH_BETA * (1.0 + 3.0 * _GELU_TANH_KAPPA * z * z)
     if kind == ACT_SILU:
         s = 1.0 / (1.0 + torch.exp(-z))
         return s, s * (1.0 - s)

@@ -164,6 +164,9 @@ at::Tensor act_fwd_cuda(const at::Tensor& x, int64_t kind, double param) {
   check_act_kind("act_fwd", kind, param);
   check_cuda_tensor(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (kind != act::kRelu && kind != act::kRelu6 && kind != act::kLeakyRelu && kind != act::kHardswish) {
+    return act_fwd_aten(x, kind, param).contiguous();  // PyTorch's own kernels: exactly F.*
+  }
   auto xc = x.contiguous();
   auto y = at::empty_like(xc);
   const int64_t n = xc.numel();

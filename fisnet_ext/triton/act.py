@@ -105,9 +105,9 @@ def _ratio(z, p, KIND: tl.constexpr, ACC: tl.constexpr):
     elif KIND == 4:
         beta = tl.full([], _BETA, ACC)
         kappa = tl.full([], _KAPPA, ACC)
-        t = _tanh(beta * (z + kappa * (z * z * z)))
-        r = 0.5 * (1.0 + t)
-        rp = 0.5 * (1.0 - t * t) * beta * (1.0 + 3.0 * kappa * z * z)
+        e = tl.exp(-2.0 * (beta * (z + kappa * (z * z * z))))
+        r = 1.0 / (1.0 + e)  # (1 + tanh u)/2 = sigmoid(2u); g (1 - g) = e g^2
+        rp = tl.where(r > 0, 2.0 * e * r * r, 0.0) * beta * (1.0 + 3.0 * kappa * z * z)
     elif KIND == 5:
         s = 1.0 / (1.0 + tl.exp(-z))
         r = s
