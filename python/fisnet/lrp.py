@@ -184,6 +184,10 @@ def _make_layer(kind: str, vals: dict) -> LinearLayer:
                        dil, int(vals.get("groups", 1) or 1), pad)
 
 
+def _deref(r):
+    return r() if r is not None else None
+
+
 def _tensors(obj):
     """The tensors among a call's arguments (one level of lists/tuples, as torch ops take them)."""
     if isinstance(obj, torch.Tensor):
@@ -651,19 +655,20 @@ class _Interceptor(TorchFunctionMode):
             rec.signed = bool((vals["input"] < 0).any())  # decides the z⁺ form (one pass over the input)
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
-            tapped._fisnet_tap = rec
-            tapped._fisnet_branch = rec
+            # weak references: a tensor → record → tensor cycle through autograd nodes is never freed
+            tapped._fisnet_tap = weakref.ref(rec)
+            tapped._fisnet_branch = weakref.ref(rec)
             rec.tapped = tapped
             return tapped
         if func is F.batch_norm and self.records:
             x = args[0] if args else kwargs["input"]
             rec = self.records[-1]
-            if getattr(x, "_fisnet_tap", None) is rec and rec.bn is None:
+            if _deref(getattr(x, "_fisnet_tap", None)) is rec and rec.bn is None:
                 rec.bn = _call_args(_BN_ARGS, args, kwargs)
                 rec.bn_raw = out
                 out = ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
                 rec.bn_tapped = out
-                out._fisnet_branch = rec
+                out._fisnet_branch = weakref.ref(rec)
                 return out
         return out
 
@@ -686,7 +691,7 @@ class _Interceptor(TorchFunctionMode):
     @staticmethod
     def _branch(t):
         """The record of the conv whose output (after its BatchNorm, if any) `t` is."""
-        rec = getattr(t, "_fisnet_branch", None)
+        rec = _deref(getattr(t, "_fisnet_branch", None))
         if rec is not None and rec.bn is not None and t is rec.tapped:
             return None  # a conv followed by BatchNorm: the branch ends at the BatchNorm
         return rec
@@ -706,6 +711,7 @@ class LRPTrace:
     x_in: Optional[torch.Tensor] = None  # the tensor the model read (the map's "x ⊙ G" term is taken there)
     zswitch: Optional[fisnet_ext.HeatmapSwitch] = None
     act_bytes: int = 0
+    records: list = field(default_factory=list)  # the z⁺ layer records (autograd nodes hold them weakly)
 
     def seed_chunk(self, M: int) -> Optional[int]:
         """How many of M seeds one batched backward takes at a time: all on GPUs; on CPU as many
@@ -752,7 +758,7 @@ class LRPTrace:
                 out.append((name, e.edge, e.pre))
             else:
                 out.append((name, e.tensor, e.tensor))
-            rec = getattr(e.tensor, "_fisnet_tap", None)
+            rec = _deref(getattr(e.tensor, "_fisnet_tap", None))
             if self.zswitch is not None and rec is not None and rec.bn_tapped is not None:
                 # z⁺: a conv followed by BatchNorm is one folded layer; its relevance is that of
                 # the folded layer's outputs (the BatchNorm output)
@@ -1049,7 +1055,8 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
                 raise ValueError("Zb rule: the output of a layer that reads the input is modified in place later in "
                                  "the forward; write that op out of place, or pass zb=False")
     return LRPTrace(logits=logits, x=x, switch=switch, eps=eps, zb=zb, bounds=bounds, layer_outputs=outputs,
-                    zb_layers=mode.zb_layers if zb else [], x_in=x_in, zswitch=zswitch, act_bytes=mode.act_bytes)
+                    zb_layers=mode.zb_layers if zb else [], x_in=x_in, zswitch=zswitch, act_bytes=mode.act_bytes,
+                    records=mode.records)
 
 
 def select_logits(logits: torch.Tensor, target) -> torch.Tensor:

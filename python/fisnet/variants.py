@@ -133,7 +133,10 @@ class ISNet(nn.Module):
                 targets = stochastic_classes(logits, lab, self.generator)
                 maps = t.relevance(select_logits(logits, targets), create_graph=create_graph, retain_graph=True)
             else:  # dual: ε map of Σ_k z_k and z⁺ map from one forward
-                batched = self.dual_batched if self.dual_batched is not None else x.device.type == "cuda"
+                # one two-slot pass: the default on CUDA, except under autocast, where PyTorch's
+                # BatchNorm backward fails under vmap with mixed dtypes (measured on CPU, bf16)
+                batched = self.dual_batched if self.dual_batched is not None else (
+                    x.device.type == "cuda" and not torch.is_autocast_enabled(x.device.type))
                 if batched:  # one backward over two rule slots
                     maps = t.relevance_dual(create_graph=create_graph)
                 else:  # two backward passes (faster on CPU, measured: docs/status.md)

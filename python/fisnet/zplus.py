@@ -15,6 +15,7 @@ written in differentiable PyTorch ops, so the map can be trained on (create_grap
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,11 +48,21 @@ def folded(rec: LayerRecord) -> LinearLayer:
     return rec.layer if rec.bn is None else fold_batchnorm_as_used(rec.layer, rec.bn, rec.conv_out)
 
 
+def _in_dtype(layer: LinearLayer, dt) -> LinearLayer:
+    """The layer with its weights in the dtype of its input (under autocast the forward ran in
+    bf16/fp16 while the parameters stay fp32; the backward runs outside autocast)."""
+    if layer.weight.dtype == dt:
+        return layer
+    return LinearLayer(layer.kind, layer.weight.to(dt), None if layer.bias is None else layer.bias.to(dt),
+                       layer.stride, layer.padding, layer.dilation, layer.groups, layer.pad)
+
+
 def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    layer = folded(rec)
+    a = rec.input
+    layer = _in_dtype(folded(rec), a.dtype)
+    g, z = g.to(a.dtype), z.to(a.dtype)
     wp = layer.weight.clamp(min=0)
     bp = None if layer.bias is None else layer.bias.clamp(min=0)
-    a = rec.input
     if not rec.signed:
         zp = layer.forward(a, wp, bp)
         num = zp if rec.is_logits else z
@@ -71,7 +82,9 @@ class ZPlusTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, a, rec, stage, switch, eps):
-        ctx.rec, ctx.stage, ctx.switch, ctx.eps = rec, stage, switch, eps
+        # the record weakly: it holds tensors whose autograd nodes hold this ctx (a cycle through C++
+        # nodes that Python's collector cannot free); the trace keeps the records alive
+        ctx.rec, ctx.stage, ctx.switch, ctx.eps = weakref.ref(rec), stage, switch, eps
         ctx.save_for_backward(z)
         ctx.set_materialize_grads(False)
         return z.clone()
@@ -83,7 +96,9 @@ class ZPlusTap(torch.autograd.Function):
             return g, None, None, None, None, None
         if g is None:
             return None, None, None, None, None, None
-        rec = ctx.rec
+        rec = ctx.rec()
+        if rec is None:
+            raise RuntimeError("a z⁺ backward ran after its trace was freed; keep the LRPTrace while computing maps")
         # two rule slots (Dual ISNet, one batched pass): slot 0 is the LRP-ε pass, where the tap is
         # an identity; slot 1 the z⁺ pass
         g_through = fisnet_ext.slot_mask(g, 0) if sw.dual else None
@@ -100,8 +115,8 @@ def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor):
     branch its positive entries."""
     if rec is None:
         return v.clamp(min=0), None
-    layer = folded(rec)
     a = rec.input
+    layer = _in_dtype(folded(rec), a.dtype)
     wp = layer.weight.clamp(min=0)
     bp = None if layer.bias is None else layer.bias.clamp(min=0)
     if not rec.signed:
@@ -120,7 +135,8 @@ class ZPlusSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, v, a_u, a_v, recs, switch, eps, inplace):
-        ctx.recs, ctx.switch, ctx.eps = recs, switch, eps
+        ctx.recs = tuple(None if r is None else weakref.ref(r) for r in recs)  # weakly: see ZPlusTap
+        ctx.switch, ctx.eps = switch, eps
         if inplace:
             u.add_(v)
             ctx.mark_dirty(u)
@@ -143,7 +159,7 @@ class ZPlusSum(torch.autograd.Function):
         if not sw.active:
             return (g, g, None, None) + rest
         u, v = ctx.saved_tensors
-        rec_u, rec_v = ctx.recs
+        rec_u, rec_v = (None if r is None else r() for r in ctx.recs)
         u = rec_u.raw_out if rec_u is not None else u
         v = rec_v.raw_out if rec_v is not None else v
         out = u + v
@@ -151,7 +167,8 @@ class ZPlusSum(torch.autograd.Function):
         g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
         zu, back_u = _branch_zplus(rec_u, u)
         zv, back_v = _branch_zplus(rec_v, v)
-        s = fisnet_ext.zplus_ratio(g_zp, out, zu + zv, ctx.eps)  # R_sum / (z⁺ + ε)
+        zsum = zu + zv
+        s = fisnet_ext.zplus_ratio(g_zp.to(zsum.dtype), out.to(zsum.dtype), zsum, ctx.eps)  # R_sum / (z⁺ + ε)
         grads = []
         for t, back in ((u, back_u), (v, back_v)):
             if back is not None:  # a branch: to its conv's input
