@@ -1,4 +1,4 @@
-"""Datasets: biased digits (SPEC §6), MNIST IDX files, image+mask folders."""
+"""Datasets: biased digits (docs/spec.md §6), MNIST IDX files, image+mask folders."""
 import gzip
 import os
 

@@ -1,4 +1,4 @@
-"""Tests of fisnet.loss: GWRP, mask resizing, the heatmap loss (SPEC §4, §7.8, §7.9), ISNetLoss."""
+"""Tests of fisnet.loss: GWRP, mask resizing, the heatmap loss (docs/spec.md §4, §7.8, §7.9), ISNetLoss."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""fisnet.explain / fisnet.trace and SPEC §7 invariants 1-4, 6 and 9 on small CNNs, a
+"""fisnet.explain / fisnet.trace and docs/spec.md §7 invariants 1-4, 6 and 9 on small CNNs, a
 torchvision-style ResNet, an MLP and a model with functional ReLUs.
 
 Oracles written here, independent of the library: gradient × input on the plain model
@@ -210,7 +210,7 @@ def dense(fn, shape1):
 
 
 def zb_dense(fn_nobias, bias_out, x, r_out, low, high, eps):
-    """The Zb rule of SPEC §2.1 with the layer as a dense matrix.  fn_nobias: the layer without
+    """The Zb rule of docs/spec.md §2.1 with the layer as a dense matrix.  fn_nobias: the layer without
     bias on (1, *x.shape[1:]); bias_out: the bias broadcast to one output (or None); low/high:
     bounds broadcastable to x[:1]; the bias bounds are (min low, max high).  -> (B, M, ...)"""
     W = dense(fn_nobias, x.shape[1:])

@@ -23,7 +23,7 @@ from fisnet.rules import LinearLayer, bound_images, zb_relevance
 from fisnet.variants import selective_quantity
 
 
-# ---------------------------------------------------------------- Zb (SPEC §2.1)
+# ---------------------------------------------------------------- Zb (docs/spec.md §2.1)
 
 def _sign(v: float) -> float:
     return 1.0 if v >= 0 else -1.0
@@ -153,7 +153,7 @@ def test_zb_conv_outside_bounds_matches_unrolled_oracle(seed):
     torch.testing.assert_close(got.reshape(B, M, J), exp, rtol=1e-10, atol=1e-10)
 
 
-# ---------------------------------------------------------------- Selective η (SPEC §3)
+# ---------------------------------------------------------------- Selective η (docs/spec.md §3)
 
 def _eta(logits, cls, eps_s):
     lg = torch.tensor([logits], dtype=torch.float64)

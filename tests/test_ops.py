@@ -189,7 +189,7 @@ def test_bwd_bwd_matches_reference(name, device, seed):
 
 
 def test_reference_closed_form(seed):
-    """The oracle itself against the formulas written out (SPEC §2)."""
+    """The oracle itself against the formulas written out (docs/spec.md §2)."""
     x = torch.tensor([-1.0, 0.0, 0.5, 2.0], dtype=torch.float64)
     g = torch.tensor([3.0, 5.0, 7.0, -11.0], dtype=torch.float64)
     gg = torch.tensor([0.5, 2.0, -1.0, 4.0], dtype=torch.float64)

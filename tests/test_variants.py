@@ -1,4 +1,4 @@
-"""ISNet variants (SPEC §3), z⁺ (§3.1), the C1/C2 heuristic (§4.3), backbones × variants,
+"""ISNet variants (docs/spec.md §3), z⁺ (§3.1), the C1/C2 heuristic (§4.3), backbones × variants,
 invariants 5, 7, 9 and bad input."""
 import inspect
 import json

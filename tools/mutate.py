@@ -54,7 +54,7 @@ class Mutant:
 
 
 MUTANTS: List[Mutant] = [
-    # rules.py — Zb (SPEC §2.1) and BatchNorm folding
+    # rules.py — Zb (docs/spec.md §2.1) and BatchNorm folding
     Mutant("zb-stabiliser", "rules.py",
            "z = z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))",
            "z = z + eps",
@@ -71,7 +71,7 @@ MUTANTS: List[Mutant] = [
            "b = (b - mean) * scale",
            "b = (b + mean) * scale",
            "BatchNorm folding: bias b' = γ(b + μ)/σ + β"),
-    # variants.py — what is explained (SPEC §3)
+    # variants.py — what is explained (docs/spec.md §3)
     Mutant("eta-eps", "variants.py",
            "return torch.log(p + eps_s) - torch.log(1.0 - p + eps_s)",
            "return torch.log(p + eps_s) - torch.log(1.0 - p)",
@@ -93,7 +93,7 @@ MUTANTS: List[Mutant] = [
            "correct += int((pred == y).sum())",
            "correct += int((pred != y).sum())",
            "evaluate counts the errors"),
-    # loss.py (SPEC §4)
+    # loss.py (docs/spec.md §4)
     Mutant("loss-low-side", "loss.py",
            "l_lo = ((Fsum / c1).clamp(max=1.0) - 1.0) ** 2",
            "l_lo = ((Fsum / c2).clamp(max=1.0) - 1.0) ** 2",
@@ -110,7 +110,7 @@ MUTANTS: List[Mutant] = [
            "norm = (1.0 - d ** n) / (1.0 - d)",
            "norm = (1.0 - d ** (n - 1)) / (1.0 - d)",
            "GWRP normaliser one term short"),
-    # cuts.py (SPEC §4.3)
+    # cuts.py (docs/spec.md §4.3)
     Mutant("cuts-c1-min", "cuts.py",
            "c1 = max(mu / 5.0, mu - 3.0 * sd)",
            "c1 = min(mu / 5.0, mu - 3.0 * sd)",
@@ -119,7 +119,7 @@ MUTANTS: List[Mutant] = [
            "c2 = min(25.0 * c1, mu + 3.0 * sd)",
            "c2 = max(25.0 * c1, mu + 3.0 * sd)",
            "C2 = max(25·C1, μ + 3σ)"),
-    # zplus.py (SPEC §3.1)
+    # zplus.py (docs/spec.md §3.1)
     Mutant("zplus-numerator", "zplus.py",
            "num = zp if rec.is_logits else z",
            "num = z if rec.is_logits else zp",

@@ -2,7 +2,7 @@
 
     fisnet demo        biased digits: plain classifier vs ISNet, table + report.json + PNGs
     fisnet train       train an ISNet (or a plain classifier, --P 0) on digits, MNIST or a folder
-    fisnet tune-cuts   the C1/C2 heuristic (SPEC §4.3) alone, written as JSON
+    fisnet tune-cuts   the C1/C2 heuristic (docs/spec.md §4.3) alone, written as JSON
     fisnet explain     heatmap PNG of one image under a checkpoint
     fisnet bench       the training-step scaling benchmark (bench/scaling.py)
 """
@@ -106,7 +106,7 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
     tr_plain.fit()
     timings["plain_train_s"] = time.perf_counter() - t
 
-    # 2. C1/C2 (SPEC §4.3) from the plain classifier's relevance over the training set (eval-mode
+    # 2. C1/C2 (docs/spec.md §4.3) from the plain classifier's relevance over the training set (eval-mode
     #    heatmaps of the final plain weights; the plain run doubles as the few-epoch P = 0 run).
     t = time.perf_counter()
     loader = torch.utils.data.DataLoader(ds["train"], batch_size=256, shuffle=False)
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="biased digits: plain classifier vs ISNet (accuracy table, report.json, PNGs)",
                        description="Build the biased-digits benchmark (real MNIST digits with a class-specific "
                                    "marker in the background), train a plain classifier and an ISNet on it, tune "
-                                   "C1/C2 (SPEC 4.3) from the plain classifier, and compare them on the biased, "
+                                   "C1/C2 (docs/spec.md §4.3) from the plain classifier, and compare them on the biased, "
                                    "unbiased and deceiving test sets. Writes OUT/report.json, OUT/heatmaps.png, "
                                    "OUT/loss_curves.png and a run folder (logs, checkpoint) per model.")
     d.add_argument("--variant", default="selective", choices=["selective", "original", "stochastic", "dual"],
@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train an ISNet (or a plain classifier with --P 0)",
-                       description="Train with SPEC 5 defaults (SGD momentum 0.9, lr 1e-2, batch 128, clipping 1, "
+                       description="Train with the defaults of docs/spec.md §5 (SGD momentum 0.9, lr 1e-2, batch 128, clipping 1, "
                                    "P 0.7, d 0.9, E 1, eps 1e-2). Writes OUT/checkpoint.pt (atomically, every "
                                    "epoch), OUT/log.json, OUT/log.csv, OUT/cuts.json. Under `torchrun "
                                    "--nproc_per_node N` trains with N processes (--batch-size is the global batch).")
@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("tune-cuts", help="the C1/C2 heuristic (SPEC 4.3) alone, written as JSON",
+    c = sub.add_parser("tune-cuts", help="the C1/C2 heuristic (docs/spec.md §4.3) alone, written as JSON",
                        description="Train the model as a plain classifier for --epochs epochs and write C1/C2 "
                                    "(C1 = max(mu/5, mu-3sd), C2 = min(25 C1, mu+3sd) of the per-image total |R| "
                                    "during the last epoch) to --out, for `fisnet train --cuts`.")

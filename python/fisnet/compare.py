@@ -2,7 +2,7 @@
 
 :func:`run_compare` trains, with one seed and one budget per method (``COMPARE_DEFAULTS``):
 
-* ``plain`` — the classifier alone (P = 0); it also gives the C1/C2 cuts (SPEC §4.3, from its
+* ``plain`` — the classifier alone (P = 0); it also gives the C1/C2 cuts (docs/spec.md §4.3, from its
   eval-mode relevance over the training images, as in ``fisnet demo``) of every ISNet variant;
 * ``rrr`` — Right for the Right Reasons (``fisnet.baselines``), λ chosen by the documented rule
   on biased validation data held out of the training set (never the test sets);

@@ -1,4 +1,4 @@
-"""The C1/C2 heuristic (SPEC §4.3).
+"""The C1/C2 heuristic (docs/spec.md §4.3).
 
 Train a plain classifier (P = 0) for a few epochs; during the last epoch record, for every
 training image, the total absolute relevance v = Σ_{C,H,W} |R| of each heatmap kind (mean over
@@ -83,7 +83,7 @@ def estimate_cuts(net: ISNet, batches: Iterable, device=None) -> Cuts:
 
 def tune_cuts(net: ISNet, loader: Iterable, *, epochs: int = 5, lr: float = 1e-2, momentum: float = 0.9,
               clip: Optional[float] = 1.0, device=None, progress: bool = True) -> Cuts:
-    """SPEC §4.3: train `net.model` as a plain classifier (P = 0, SGD) for `epochs` epochs over
+    """docs/spec.md §4.3: train `net.model` as a plain classifier (P = 0, SGD) for `epochs` epochs over
     `loader` (batches of images, masks, labels) and return the cuts measured during the last
     epoch (heatmaps of the training-mode model, as the ISNet will see them).  Trains in place."""
     if epochs < 1:

@@ -1,4 +1,4 @@
-"""The ISNet heatmap loss (SPEC.md §4): GWRP, mask resizing, and the training criterion.
+"""The ISNet heatmap loss (docs/spec.md §4): GWRP, mask resizing, and the training criterion.
 
 Pure PyTorch, no custom kernels; everything is differentiable twice, so the loss can be
 back-propagated through an LRP-Flex heatmap that was itself built with ``create_graph=True``.
@@ -6,11 +6,11 @@ back-propagated through an LRP-Flex heatmap that was itself built with ``create_
 Public functions
 ----------------
 ``gwrp(x, d, dim=-1)``
-    Global weighted rank pooling (SPEC §4.1).
+    Global weighted rank pooling (docs/spec.md §4.1).
 ``resize_masks(masks, size)``
     Resize foreground masks; a cell is foreground if any pixel in it is.
 ``heatmap_loss_parts(heatmaps, masks, cuts, ...)`` / ``heatmap_loss(...)``
-    The per-image heatmap loss of SPEC §4.2 (parts: background, foreground, total).
+    The per-image heatmap loss of docs/spec.md §4.2 (parts: background, foreground, total).
 ``ISNetLoss``
     ``(1 - P)·CE + P·heatmap loss``, with P schedules, multi-label BCE, Dual-ISNet cuts and
     LRP deep supervision (a dict of per-layer heatmaps).
@@ -44,13 +44,13 @@ __all__ = [
     "FOREGROUND_MODES",
 ]
 
-#: High-side foreground penalties understood by :func:`heatmap_loss` (SPEC §4.2 step 3).
+#: High-side foreground penalties understood by :func:`heatmap_loss` (docs/spec.md §4.2 step 3).
 FOREGROUND_MODES = ("hybrid", "L2")
 
 #: GWRP drops sorted values whose weight d^i (relative to the first weight, 1) is below this.
 GWRP_TAIL_TOL = 1e-7
 
-#: Stabiliser of the foreground-mean normaliser (SPEC §4.2 step 1).
+#: Stabiliser of the foreground-mean normaliser (docs/spec.md §4.2 step 1).
 NORM_EPS = 1e-10
 
 
@@ -129,7 +129,7 @@ def gwrp_topk(d: float, n: int, tol: float = GWRP_TAIL_TOL) -> int:
 
 
 def gwrp(x: Tensor, d: float, dim: int = -1, *, exact: bool = False) -> Tensor:
-    """Global weighted rank pooling along ``dim`` (SPEC §4.1).
+    """Global weighted rank pooling along ``dim`` (docs/spec.md §4.1).
 
     With the values sorted in descending order ``v_0 >= v_1 >= ... >= v_{N-1}``::
 
@@ -182,7 +182,7 @@ def resize_masks(masks: Tensor, size: Union[int, Sequence[int]]) -> Tensor:
 
     Rule: **a cell is foreground if any input pixel it overlaps is foreground** —
     equivalently, a cell is background only if it contains no foreground pixel (the LDS rule of
-    SPEC §2.2; one rule serves both). Implemented as ``adaptive_max_pool2d``, whose window for
+    docs/spec.md §2.2; one rule serves both). Implemented as ``adaptive_max_pool2d``, whose window for
     output cell i spans input pixels ``floor(i·H'/H) .. ceil((i+1)·H'/H) - 1``:
 
     - integer down-sampling: max over each block;
@@ -222,7 +222,7 @@ def _is_scalar(v) -> bool:
 
 
 _MISSING_CUTS = ("cuts (C1, C2) are missing: run fisnet.tune_cuts(...) on a briefly trained "
-                 "classifier (SPEC §4.3) and pass its result, or pass cuts=(C1, C2) yourself")
+                 "classifier (docs/spec.md §4.3) and pass its result, or pass cuts=(C1, C2) yourself")
 
 
 def _parse_cuts(cuts, M: int, where: str = "") -> List[Tuple[float, float]]:
@@ -348,7 +348,7 @@ def heatmap_loss_parts(heatmaps: Tensor, masks: Tensor, cuts=None, d: float = 0.
                        E: float = 1.0, foreground: str = "hybrid",
                        weights: Sequence[float] = (1.0, 1.0), *,
                        check: bool = True) -> Dict[str, Tensor]:
-    """Per-image parts of the ISNet heatmap loss (SPEC §4.2).
+    """Per-image parts of the ISNet heatmap loss (docs/spec.md §4.2).
 
     Args:
         heatmaps: ``R`` of shape (B, M, C, H, W).
@@ -428,7 +428,7 @@ def _parts(heatmaps, masks, pairs, d, E, foreground, wa, wb) -> Dict[str, Tensor
 def heatmap_loss(heatmaps: Tensor, masks: Tensor, cuts=None, d: float = 0.9, E: float = 1.0,
                  foreground: str = "hybrid", weights: Sequence[float] = (1.0, 1.0),
                  reduction: str = "mean", *, check: bool = True) -> Tensor:
-    """The ISNet heatmap loss ``l_heat = A_w·l_bg + B_w·l_fg`` (SPEC §4.2).
+    """The ISNet heatmap loss ``l_heat = A_w·l_bg + B_w·l_fg`` (docs/spec.md §4.2).
 
     See :func:`heatmap_loss_parts` for the formulas and arguments. ``reduction``: ``"mean"``
     (over the batch, default), ``"sum"``, or ``"none"`` (per image, shape (B,)).
@@ -456,7 +456,7 @@ def _get(out, name):
 
 
 class ISNetLoss(nn.Module):
-    """ISNet training loss: ``(1 - P)·CE(logits, labels) + P·l_heat`` (SPEC §4.2).
+    """ISNet training loss: ``(1 - P)·CE(logits, labels) + P·l_heat`` (docs/spec.md §4.2).
 
     Args:
         P: heatmap-loss weight in [0, 1], or a schedule ``{epoch: P}``: at epoch e the value of

@@ -1,4 +1,4 @@
-"""LRP-Flex: LRP-ε heatmaps for any ReLU network by one modified backward pass (SPEC §2).
+"""LRP-Flex: LRP-ε heatmaps for any ReLU network by one modified backward pass (docs/spec.md §2).
 
 How it works without editing the model: the forward pass runs under a `TorchFunctionMode`
 that replaces every ReLU call (`nn.ReLU`, inplace or not, reused or not; `F.relu`,
@@ -1085,7 +1085,7 @@ def select_logits(logits: torch.Tensor, target) -> torch.Tensor:
 def explain(model: nn.Module, x: torch.Tensor, target=None, *, eps: float = 1e-2, zb: bool = True,
             bounds=(0.0, 1.0), create_graph: bool = False, layers: Optional[Sequence[str]] = None,
             zb_layer: Optional[str] = None, backend: Optional[str] = None, rules=None):
-    """LRP-Flex heatmaps of `model` at `x` (SPEC §2).
+    """LRP-Flex heatmaps of `model` at `x` (docs/spec.md §2).
 
     target: None → the predicted class (M = 1); int or LongTensor (B,) → those classes (M = 1);
     "all" → every class (M = K), in one batched backward.  Returns a tensor (B, M, C, H, W), or,

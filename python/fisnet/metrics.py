@@ -96,7 +96,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None,
 
 def background_share(model: nn.Module, data, eps: float = 1e-2, zb: bool = True, *, bounds=(0.0, 1.0),
                      batch_size: int = 256, device=None, max_images: Optional[int] = None) -> float:
-    """Σ|R| in the background / Σ|R| over ``data`` (SPEC: the background relevance share).
+    """Σ|R| in the background / Σ|R| over ``data`` (docs/spec.md: the background relevance share).
 
     R = ``fisnet.explain(model, x)`` for the predicted class, eval mode, batched; no graph is
     kept. Masks (1 = foreground) of another size than the images are resized (a cell is

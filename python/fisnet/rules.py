@@ -1,5 +1,5 @@
 """LRP rules that are not a modified ReLU backward: BatchNorm folding and the Zb input rule
-(SPEC §2.1).  The z⁺ rule of the Dual ISNet lives in `fisnet.zplus`.
+(docs/spec.md §2.1).  The z⁺ rule of the Dual ISNet lives in `fisnet.zplus`.
 
 All functions are differentiable in the layer's weights (training backpropagates through
 them) and work on a slot axis: relevance tensors have shape (B, M, ...), one map per slot.
@@ -137,7 +137,7 @@ def bound_images(bounds, x: torch.Tensor):
 
 def zb_relevance(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: torch.Tensor,
                  high: torch.Tensor, low_b: float, high_b: float, eps: float) -> torch.Tensor:
-    """SPEC §2.1 Zb rule.  `a` (B, ...) the layer input, `r_out` (B, M, ...) the relevance at
+    """docs/spec.md §2.1 Zb rule.  `a` (B, ...) the layer input, `r_out` (B, M, ...) the relevance at
     the layer (ReLU) output, `low`/`high` broadcastable to `a`.  Returns (B, M, *a.shape[1:]).
 
         z   = W a + b − (W⁺ l + b⁺ l_b) − (W⁻ h + b⁻ h_b);   z += ε·sign(z)  (sign(0) = +1)

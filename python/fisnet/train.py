@@ -1,6 +1,6 @@
-"""Training loop for ISNets and plain classifiers (SPEC §5): :class:`Trainer`, :func:`train`.
+"""Training loop for ISNets and plain classifiers (docs/spec.md §5): :class:`Trainer`, :func:`train`.
 
-Defaults (SPEC §5): SGD with momentum 0.9, lr 1e-2, batch 128, gradient clipping at norm 1,
+Defaults (docs/spec.md §5): SGD with momentum 0.9, lr 1e-2, batch 128, gradient clipping at norm 1,
 P 0.7 (a float or a schedule ``{epoch: P}``), d 0.9, E 1, ε 1e-2, Zb on with [0, 1] bounds,
 foreground loss "hybrid", C1/C2 from the §4.3 heuristic (``fisnet.tune_cuts``) unless given.
 P = 0 for every epoch trains a plain classifier (no heatmaps are computed).
@@ -91,7 +91,7 @@ class RunExistsError(FileExistsError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Hyper-parameters of a run (SPEC §5 defaults). ``batch_size`` is the global batch."""
+    """Hyper-parameters of a run (docs/spec.md §5 defaults). ``batch_size`` is the global batch."""
     epochs: int = 10
     variant: str = "selective"
     optimizer: str = "sgd"  # "sgd" | "adam"
@@ -444,7 +444,7 @@ class Trainer:
         return any(float(v) > 0 for v in vals)
 
     def _tune_cuts(self):
-        """SPEC §4.3 on a copy of the model (the trained model starts from its initial weights)."""
+        """docs/spec.md §4.3 on a copy of the model (the trained model starts from its initial weights)."""
         cfg = self.cfg
         cuts = None
         if self.rank == 0:

@@ -1,4 +1,4 @@
-"""The four ISNet variants (SPEC §3): what each explains, on one shared forward pass.
+"""The four ISNet variants (docs/spec.md §3): what each explains, on one shared forward pass.
 
 `ISNet(model, variant)` wraps a ReLU classifier.  In training mode a call returns the logits
 and differentiable heatmaps (B, M, C, H, W) — a dict keyed by layer with LDS — from one forward
@@ -56,7 +56,7 @@ def stochastic_classes(logits: torch.Tensor, labels: Optional[torch.Tensor] = No
 
 
 class ISNet(nn.Module):
-    """An ISNet around `model` (SPEC §3).  See the module docstring for the variants.
+    """An ISNet around `model` (docs/spec.md §3).  See the module docstring for the variants.
 
     Args: variant; eps (LRP-ε); zb and bounds (Zb first-layer rule); selective_eps and
     selective_class ("argmin" default, "argmax", "label"); lds_layers (module names of the

@@ -1,4 +1,4 @@
-"""The LRP-z⁺ rule (SPEC §3.1) as a switchable backward, for the Dual ISNet.
+"""The LRP-z⁺ rule (docs/spec.md §3.1) as a switchable backward, for the Dual ISNet.
 
 During a traced forward (`fisnet.lrp.trace(..., zplus=True)`) every conv/linear output, and
 the output of a BatchNorm applied to it, passes through an identity "tap".  In an ordinary

