@@ -175,7 +175,7 @@ def test_rules_override(seed):
         one = fisnet.explain(net, x, 0, eps=0.0, zb=False, rules={kind: "gradient"})
         assert not torch.allclose(one, base), kind
     with pytest.raises(ValueError, match="unknown op kind"):
-        fisnet.explain(net, x, rules={"attention": "cp"})
+        fisnet.explain(net, x, rules={"softmax": "cp"})
     with pytest.raises(ValueError, match="not a rule for"):
         fisnet.ISNet(net, rules={"norm": "identity"})
     assert resolve_rules() == DEFAULT_RULES

@@ -658,7 +658,7 @@ class _Interceptor(TorchFunctionMode):
             # weak references: a tensor → record → tensor cycle through autograd nodes is never freed
             tapped._fisnet_tap = weakref.ref(rec)
             tapped._fisnet_branch = weakref.ref(rec)
-            rec.tapped = tapped
+            rec.tapped, rec.tap_version = tapped, tapped._version
             return tapped
         if func is F.batch_norm and self.records:
             x = args[0] if args else kwargs["input"]
@@ -667,7 +667,7 @@ class _Interceptor(TorchFunctionMode):
                 rec.bn = _call_args(_BN_ARGS, args, kwargs)
                 rec.bn_raw = out
                 out = ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
-                rec.bn_tapped = out
+                rec.bn_tapped, rec.bn_tap_version = out, out._version
                 out._fisnet_branch = weakref.ref(rec)
                 return out
         return out
@@ -690,11 +690,16 @@ class _Interceptor(TorchFunctionMode):
 
     @staticmethod
     def _branch(t):
-        """The record of the conv whose output (after its BatchNorm, if any) `t` is."""
+        """The record of the conv whose output (after its BatchNorm, if any) `t` is, unmodified
+        (an in-place ReLU keeps the tensor object but makes it another value)."""
         rec = _deref(getattr(t, "_fisnet_branch", None))
-        if rec is not None and rec.bn is not None and t is rec.tapped:
-            return None  # a conv followed by BatchNorm: the branch ends at the BatchNorm
-        return rec
+        if rec is None:
+            return None
+        if t is rec.bn_tapped:
+            return rec if t._version == rec.bn_tap_version else None
+        if t is rec.tapped and rec.bn is None:  # (with a BatchNorm, the branch ends at the BatchNorm)
+            return rec if t._version == rec.tap_version else None
+        return None
 
 @dataclass
 class LRPTrace:

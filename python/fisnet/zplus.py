@@ -37,6 +37,8 @@ class LayerRecord:
     tapped: Optional[torch.Tensor] = None  # the layer's output as the forward saw it (after its tap)
     bn_tapped: Optional[torch.Tensor] = None  # the BatchNorm's output after its tap
     signed: bool = False  # the layer input has negative entries (after GELU, SiLU, LeakyReLU, …)
+    tap_version: int = 0  # versions of `tapped` / `bn_tapped` when made (an in-place op changes them)
+    bn_tap_version: int = 0
 
     @property
     def raw_out(self) -> torch.Tensor:
