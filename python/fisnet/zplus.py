@@ -60,23 +60,12 @@ def _in_dtype(layer: LinearLayer, dt) -> LinearLayer:
 
 
 def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    a = rec.input
-    layer = _in_dtype(folded(rec), a.dtype)
-    g, z = g.to(a.dtype), z.to(a.dtype)
-    wp = layer.weight.clamp(min=0)
-    bp = None if layer.bias is None else layer.bias.clamp(min=0)
-    if not rec.signed:
-        zp = layer.forward(a, wp, bp)
-        num = zp if rec.is_logits else z
-        s = fisnet_ext.zplus_ratio(g, num, zp, eps)  # fused g·num/(z⁺+ε), with its double backward
-        return layer.transpose(s, wp, a.shape)
-    # inputs of either sign: only the positive contributions a_j·w_jk count, i.e. a⁺ with W⁺ and
-    # a⁻ with W⁻; every R_j = a_j·G_j is then ≥ 0 (docs/method.md)
-    wn = layer.weight.clamp(max=0)
-    zp = layer.forward(a.clamp(min=0), wp, bp) + layer.forward(a.clamp(max=0), wn, None)
-    num = zp if rec.is_logits else z
-    s = fisnet_ext.zplus_ratio(g, num, zp, eps)
-    return torch.where(a >= 0, layer.transpose(s, wp, a.shape), layer.transpose(s, wn, a.shape))
+    """G_in = W⁺ᵀ(G ⊙ num/(z⁺+ε)) for one layer (num = z, or z⁺ for the classifier); inputs of
+    either sign through `_branch_zplus` (only positive contributions count)."""
+    dt = rec.input.dtype
+    zp, back = _branch_zplus(rec, None)
+    num = zp if rec.is_logits else z.to(dt)
+    return back(fisnet_ext.zplus_ratio(g.to(dt), num, zp, eps))  # fused g·num/(z⁺+ε), with its double backward
 
 
 class ZPlusTap(torch.autograd.Function):
@@ -112,9 +101,10 @@ class ZPlusTap(torch.autograd.Function):
 
 
 def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor):
-    """A residual branch's positive contributions to the sum: (z⁺ part, a function G ↦ input-grad).
-    A conv/BatchNorm branch contributes its folded layer's positive contributions; an identity
-    branch its positive entries."""
+    """The positive contributions of a layer (or residual branch) to its output: (z⁺, a function
+    s ↦ input-gradient).  A conv/BatchNorm layer: W⁺a + b⁺, and for inputs of either sign
+    W⁺a⁺ + W⁻a⁻ + b⁺ (a⁺ with W⁺, a⁻ with W⁻, so every R_j = a_j·G_j ≥ 0; docs/method.md); an
+    identity branch (rec None): the positive entries of `v`."""
     if rec is None:
         return v.clamp(min=0), None
     a = rec.input
