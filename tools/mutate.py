@@ -121,8 +121,8 @@ MUTANTS: List[Mutant] = [
            "C2 = max(25·C1, μ + 3σ)"),
     # zplus.py (docs/spec.md §3.1)
     Mutant("zplus-numerator", "zplus.py",
-           "        num = zp if rec.is_logits else z\n        s = fisnet_ext.zplus_ratio(g, num, zp, eps)  #",
-           "        num = z if rec.is_logits else zp\n        s = fisnet_ext.zplus_ratio(g, num, zp, eps)  #",
+           "    num = zp if rec.is_logits else z.to(dt)\n",
+           "    num = z.to(dt) if rec.is_logits else zp\n",
            "z⁺ (non-negative inputs): numerators of the classifier and the hidden layers swapped"),
     # lrp.py
     Mutant("eps-negative-accepted", "lrp.py",
