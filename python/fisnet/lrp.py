@@ -797,7 +797,7 @@ class LRPTrace:
                 zb = self._zb(rec, r_out)
                 r = zb if r is None else r + zb
             out["input"] = r
-        for name, (_, _, a) in zip([t[0] for t in targets], targets):
+        for name, _, a in targets:
             if name in out and out[name] is None:
                 out[name] = torch.zeros((B, M) + tuple(a.shape[1:]), dtype=a.dtype, device=a.device)
         if out.get("input") is None:
