@@ -21,7 +21,7 @@ import fisnet_ext
 from fisnet_ext import act_ops, reference
 from fisnet_ext.act_ops import KINDS, NATIVE, REFERENCE, TRITON
 
-from conftest import INTERPRETED, poisoned
+from tests.conftest import INTERPRETED, poisoned
 
 KIND_NAMES = list(KINDS)
 PARAMS = {"leaky_relu": 0.13, "elu": 1.7, "softplus": 1.6}  # non-default values, to catch an ignored param

@@ -12,7 +12,7 @@ import fisnet_ext
 from fisnet_ext import bn_ops, ops, reference
 from fisnet_ext.bn_ops import NATIVE, REFERENCE, TRITON
 
-from conftest import INTERPRETED
+from tests.conftest import INTERPRETED
 
 cuda = pytest.mark.cuda
 skip_no_interp = pytest.mark.skipif(not (TRITON is not None and INTERPRETED), reason="triton interpreter not active")

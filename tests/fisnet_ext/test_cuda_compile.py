@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_ext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 

@@ -15,7 +15,7 @@ import fisnet_ext
 from fisnet_ext import ops, reference, zplus_ops
 from fisnet_ext.zplus_ops import NATIVE, REFERENCE, TRITON
 
-from conftest import HAVE_CUDA, INTERPRETED, poisoned
+from tests.conftest import HAVE_CUDA, INTERPRETED, poisoned
 
 cuda = pytest.mark.cuda
 

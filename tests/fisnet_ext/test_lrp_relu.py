@@ -17,7 +17,7 @@ import fisnet_ext
 from fisnet_ext import ops, reference
 from fisnet_ext.ops import NATIVE, REFERENCE, TRITON
 
-from conftest import HAVE_CUDA, INTERPRETED, poisoned
+from tests.conftest import HAVE_CUDA, INTERPRETED, poisoned
 
 cuda = pytest.mark.cuda
 

@@ -11,7 +11,7 @@ import torch
 
 from fisnet import bench_scaling as bs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MB = 1_000_000
 
 
