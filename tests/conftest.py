@@ -1,4 +1,5 @@
-"""Shared test set-up.
+"""Shared test set-up of the whole suite (tests/README.md): CUDA skips, the `seed` and
+`one_thread` fixtures, output poisoning.
 
 TRITON_INTERPRET must be set before anything imports triton, so it is set here, first thing:
 without CUDA the Triton kernels run on CPU tensors under the interpreter.
@@ -41,6 +42,16 @@ def draw_seed() -> int:
     if env:
         return int(env)
     return random.SystemRandom().randrange(2**31)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    spinning threads on a busy machine multiply the run time of many tiny calls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -18,14 +18,8 @@ from fisnet.rules import LinearLayer, fold_batchnorm, zb_relevance
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets gain nothing from intra-op threads, and spinning threads on a busy machine
-    multiply the run time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny nets gain nothing from intra-op threads (the fixture: tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
