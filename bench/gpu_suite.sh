@@ -103,12 +103,13 @@ else
   part backends 30 "$PY" -m fisnet_ext.info
 fi
 
-# 2. the CUDA tests: every test marked `cuda`, and the Triton tests (real GPU kernels there)
+# 2. the CUDA tests: every test marked `cuda`, and the Triton launcher tests (test_launcher_* of the
+#    op-family files; real GPU kernels there)
 if [ "$CUDA" = 1 ]; then
   part tests-cuda 120 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests \
     --junitxml="$OUTDIR/tests-cuda.xml"
-  part tests-triton 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_bn_triton.py \
-    --junitxml="$OUTDIR/tests-triton.xml"
+  part tests-triton 90 "$PY" -m pytest -q -p no:cacheprovider tests/fisnet_ext/test_lrp_relu.py \
+    tests/fisnet_ext/test_bn.py -k launcher --junitxml="$OUTDIR/tests-triton.xml"
 else
   # rehearsal: the same selection, collected and skipped here (checks the command, not the kernels)
   part tests-cuda 90 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests

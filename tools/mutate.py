@@ -10,7 +10,7 @@ The working tree is never written to (no bytecode, no pytest cache).
 
     python tools/mutate.py                       # every mutant, the default test subset
     python tools/mutate.py --list                # the mutants, and whether each still applies
-    python tools/mutate.py --only zb-sign0,eta-eps --tests tests/test_mutants.py --all-failures
+    python tools/mutate.py --only zb-sign0,eta-eps --tests tests/fisnet/test_mutants.py --all-failures
 
 While others edit the tree, `--rev HEAD` mutates and tests the committed sources instead (the
 compiled extension still comes from the working tree).
@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "python" / "fisnet"
 
 # the quick subset: closed forms, invariants, variants, the loss, and the mutant killers
-DEFAULT_TESTS = ["tests/test_mutants.py", "tests/test_loss.py", "tests/test_lrp.py", "tests/test_variants.py"]
+DEFAULT_TESTS = ["tests/fisnet/test_mutants.py", "tests/fisnet/test_loss.py", "tests/fisnet/test_lrp.py",
+                 "tests/fisnet/test_variants.py"]
 # ...less the slow ones (each over 20 s on the 2-core VM under load): every backbone x variant,
 # the ResNet-18 two-slot pass, the end-to-end gradgradcheck, the tune-cuts training
 DEFAULT_KEYWORD = ("not every_variant_on_every_backbone and not resnet18 and not gradgradcheck_through_explain "
