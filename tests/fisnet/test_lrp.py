@@ -723,7 +723,7 @@ def test_create_graph_false_detaches(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Unsupported activations (GELU, SiLU, LeakyReLU, … have rules since the rule table: tests/test_rules.py;
+# Unsupported activations (GELU, SiLU, LeakyReLU, … have rules since the rule table: tests/fisnet/test_rules.py;
 # sigmoid outside a gate: test_rules.test_sigmoid_outside_a_gate_is_refused)
 @pytest.mark.parametrize("act", [nn.Tanh, nn.SELU, nn.PReLU, nn.Softsign])
 def test_unsupported_activation_modules(act):

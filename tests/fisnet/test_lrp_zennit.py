@@ -317,7 +317,7 @@ def test_dual_zplus_map_matches_zennit(seed):
         assert rel(out["features.5"][:, 1], hidden["features.5"]) < 1e-11
 
 
-if __name__ == "__main__":  # the table of the issue-8 note: python tests/test_zennit.py
+if __name__ == "__main__":  # the table of the issue-8 note: python tests/fisnet/test_lrp_zennit.py
     torch.manual_seed(0)
     x = torch.rand(3, 3, 16, 16, dtype=DT)
     target = torch.tensor([0, 1, 3])

@@ -186,7 +186,7 @@ def test_lds_layers_dict(seed):
 
 
 # the full-size new backbones are covered by their small configurations (same blocks; the full
-# ones take seconds per step on CPU): test_backbones_new.py and test_vit.py build them
+# ones take seconds per step on CPU): test_models_mobilenet_efficientnet_convnext.py and test_models_vit.py build them
 FULL_SIZE_NEW = {"convnext_tiny", "efficientnet_b0", "mobilenet_v2", "vit_small", "vit_tiny"}
 
 
