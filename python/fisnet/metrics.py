@@ -95,12 +95,13 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None,
 
 
 def background_share(model: nn.Module, data, eps: float = 1e-2, zb: bool = True, *, bounds=(0.0, 1.0),
-                     batch_size: int = 256, device=None, max_images: Optional[int] = None) -> float:
+                     batch_size: int = 256, device=None, max_images: Optional[int] = None, rules=None) -> float:
     """Σ|R| in the background / Σ|R| over ``data`` (docs/spec.md: the background relevance share).
 
     R = ``fisnet.explain(model, x)`` for the predicted class, eval mode, batched; no graph is
     kept. Masks (1 = foreground) of another size than the images are resized (a cell is
-    foreground if any pixel in it is); several mask channels are reduced to one."""
+    foreground if any pixel in it is); several mask channels are reduced to one. ``rules``:
+    overrides of the LRP rule table (fisnet.rules), as in ``explain``."""
     dev = _device(model, device)
     bg_sum = torch.zeros((), dtype=torch.float64, device=dev)
     all_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -113,7 +114,7 @@ def background_share(model: nn.Module, data, eps: float = 1e-2, zb: bool = True,
             if m is None:
                 raise ValueError("background_share needs masks: batches of (images, masks, labels)")
             x, m = x.to(dev, non_blocking=True), m.to(dev, non_blocking=True)
-            R = explain(model, x, None, eps=eps, zb=zb, bounds=bounds)  # (B, 1, C, H, W), detached
+            R = explain(model, x, None, eps=eps, zb=zb, bounds=bounds, rules=rules)  # (B, 1, C, H, W), detached
             A = R.abs().sum(dim=(1, 2)).double()  # (B, H, W)
             if m.dim() == 3:
                 m = m[:, None]
@@ -177,11 +178,12 @@ def pointing_game(R: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def relevance_metrics(model: nn.Module, data, eps: float = 1e-2, zb: bool = True, *, bounds=(0.0, 1.0),
-                      batch_size: int = 256, device=None, max_images: Optional[int] = None) -> Dict[str, float]:
+                      batch_size: int = 256, device=None, max_images: Optional[int] = None,
+                      rules=None) -> Dict[str, float]:
     """{"background_share", "relevance_mass", "pointing_game"} over ``data`` from one pass of
     LRP-ε maps of the predicted class (eval mode; see the module docstring). The share is the
     pooled ratio Σ|R|_bg / Σ|R| as in :func:`background_share`; the two localisation scores are
-    means over images."""
+    means over images. ``rules``: overrides of the LRP rule table (fisnet.rules), as in ``explain``."""
     dev = _device(model, device)
     bg_sum = torch.zeros((), dtype=torch.float64, device=dev)
     all_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -196,7 +198,7 @@ def relevance_metrics(model: nn.Module, data, eps: float = 1e-2, zb: bool = True
             if m is None:
                 raise ValueError("relevance_metrics needs masks: batches of (images, masks, labels)")
             x, m = x.to(dev, non_blocking=True), m.to(dev, non_blocking=True)
-            R = explain(model, x, None, eps=eps, zb=zb, bounds=bounds)
+            R = explain(model, x, None, eps=eps, zb=zb, bounds=bounds, rules=rules)
             A = R.abs().sum(dim=(1, 2)).double()
             fg = _fg_mask(m, A.shape[-2:])
             bg_sum += (A * (~fg)).sum()
