@@ -52,94 +52,145 @@ def _machine() -> Dict[str, str]:
 
 def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int = 0, quick: bool = False,
              epochs: Optional[int] = None, plain_epochs: Optional[int] = None, device: Optional[str] = None,
-             progress: bool = True, backbone: str = "small_cnn", **overrides) -> Dict:
+             progress: bool = True, backbone: str = "small_cnn", rules: Optional[Dict[str, str]] = None,
+             **overrides) -> Dict:
     """The biased-digits demo (see ``fisnet demo --help``). Returns the report dict.
-    `backbone`: any name of ``fisnet.models.names()`` (``width`` applies to small_cnn only)."""
-    from . import ISNet, models
-    from .cuts import estimate_cuts
-    from .data import make_biased_digits
-    from .plot import heatmap_grid, loss_curves
-    from .lrp import explain
-    from .train import Trainer, TrainConfig
+    `backbone`: any name of ``fisnet.models.names()`` (``width`` applies to small_cnn only).
+    `rules`: overrides of the LRP rule table ({op kind: rule name}, fisnet.rules) for both runs'
+    heatmaps, the cuts and the figures."""
+    from .rules import resolve_rules
+    resolve_rules(rules)  # a wrong kind or rule name: the error before any work
+    p = _demo_params(quick, epochs, plain_epochs, overrides)
+    spec = _demo_spec(backbone, p, overrides)
+    os.makedirs(out, exist_ok=True)
+    timings: Dict[str, float] = {}
+    t_all = time.perf_counter()
 
+    t = time.perf_counter()
+    ds = _demo_data(seed, p)
+    timings["data_s"] = time.perf_counter() - t
+    common = dict(variant=variant, optimizer=p["optimizer"], lr=p["lr"], lr_schedule=p["lr_schedule"],
+                  batch_size=p["batch_size"], seed=seed, device=device, progress=progress, model_spec=spec,
+                  eval_share_max_images=p["share_max_images"], rules=dict(rules) if rules else None)
+
+    t = time.perf_counter()
+    tr_plain = _demo_plain_run(ds, spec, seed, out, p, common, progress)
+    timings["plain_train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cuts = _demo_cuts(tr_plain, ds["train"], variant, rules)
+    timings["cuts_s"] = time.perf_counter() - t
+    if progress:
+        print(f"[fisnet demo] cuts (C1, C2): {cuts['input']}", flush=True)
+
+    t = time.perf_counter()
+    tr_isn = _demo_isnet_run(ds, spec, seed, out, p, common, cuts, variant, progress)
+    timings["isnet_train_s"] = time.perf_counter() - t
+
+    report = _demo_report(tr_plain, tr_isn, cuts, spec, p, variant=variant, seed=seed, quick=quick)
+    t = time.perf_counter()
+    files = _demo_figures(ds, tr_plain, tr_isn, out, variant, rules)
+    timings["figures_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+    report["timings"] = timings
+    report["files"] = files
+    _write_demo_report(report, out)
+    return report
+
+
+def _demo_params(quick: bool, epochs: Optional[int], plain_epochs: Optional[int], overrides: Dict) -> Dict:
+    """The demo's settings: QUICK_DEFAULTS or DEMO_DEFAULTS with the given overrides."""
     p = dict(QUICK_DEFAULTS if quick else DEMO_DEFAULTS)
     p.update({k: v for k, v in overrides.items() if v is not None})
     if epochs is not None:
         p["isnet_epochs"] = epochs
     if plain_epochs is not None:
         p["plain_epochs"] = plain_epochs
-    os.makedirs(out, exist_ok=True)
-    timings: Dict[str, float] = {}
-    t_all = time.perf_counter()
+    return p
 
-    t = time.perf_counter()
-    ds = make_biased_digits(seed, n_train=p["n_train"], n_test=p["n_test"])
-    tests = {k: ds[k] for k in TEST_SETS}
-    timings["data_s"] = time.perf_counter() - t
-    spec = {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "width": p["width"],
-            "batchnorm": bool(p["batchnorm"])}
-    if backbone != "small_cnn":
-        if backbone not in models.names():
-            raise ValueError(f"--backbone {backbone!r} is not a fisnet backbone; choose one of: {', '.join(models.names())}")
-        if overrides.get("width") is not None:
-            raise ValueError("--width sets the small_cnn's width; it does not apply to --backbone " + backbone)
-        spec = {"name": backbone, "num_classes": 10, "in_channels": 1}
 
-    def fresh_model():
-        torch.manual_seed(seed)
-        s = dict(spec)
-        return models.build(s.pop("name"), **s)
+def _demo_spec(backbone: str, p: Dict, overrides: Dict) -> Dict:
+    """The model spec: the small CNN of the settings, or a named backbone (``width`` refused there)."""
+    from . import models
+    if backbone == "small_cnn":
+        return {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "width": p["width"],
+                "batchnorm": bool(p["batchnorm"])}
+    if backbone not in models.names():
+        raise ValueError(f"--backbone {backbone!r} is not a fisnet backbone; choose one of: {', '.join(models.names())}")
+    if overrides.get("width") is not None:
+        raise ValueError("--width sets the small_cnn's width; it does not apply to --backbone " + backbone)
+    return {"name": backbone, "num_classes": 10, "in_channels": 1}
 
-    common = dict(variant=variant, optimizer=p["optimizer"], lr=p["lr"], lr_schedule=p["lr_schedule"],
-                  batch_size=p["batch_size"], seed=seed,
-                  device=device, progress=progress, model_spec=spec,
-                  eval_share_max_images=p["share_max_images"])
 
-    # 1. plain classifier (P = 0); it is also the §4.3 cut-tuning run.
+def _demo_data(seed: int, p: Dict) -> Dict:
+    """The biased digits: {"train", "biased", "unbiased", "deceiving"}."""
+    from .data import make_biased_digits
+    return make_biased_digits(seed, n_train=p["n_train"], n_test=p["n_test"])
+
+
+def _demo_model(spec: Dict, seed: int):
+    """A fresh model from ``spec`` (the same initial weights for both runs)."""
+    torch.manual_seed(seed)
+    return _build(spec)
+
+
+def _demo_tests(ds: Dict) -> Dict:
+    return {k: ds[k] for k in TEST_SETS}
+
+
+def _demo_plain_run(ds: Dict, spec: Dict, seed: int, out: str, p: Dict, common: Dict, progress: bool):
+    """1. the plain classifier (P = 0); it is also the §4.3 cut-tuning run."""
+    from .train import Trainer, TrainConfig
     if progress:
         print(f"[fisnet demo] plain classifier: {p['plain_epochs']} epochs on {p['n_train']} biased digits",
               flush=True)
-    t = time.perf_counter()
-    plain = fresh_model()
-    tr_plain = Trainer(plain, ds["train"], tests, os.path.join(out, "plain"),
-                       TrainConfig(epochs=p["plain_epochs"], P=0.0, **common), overwrite=True)
-    tr_plain.fit()
-    timings["plain_train_s"] = time.perf_counter() - t
+    tr = Trainer(_demo_model(spec, seed), ds["train"], _demo_tests(ds), os.path.join(out, "plain"),
+                 TrainConfig(epochs=p["plain_epochs"], P=0.0, **common), overwrite=True)
+    tr.fit()
+    return tr
 
-    # 2. C1/C2 (docs/spec.md §4.3) from the plain classifier's relevance over the training set (eval-mode
-    #    heatmaps of the final plain weights; the plain run doubles as the few-epoch P = 0 run).
-    t = time.perf_counter()
-    loader = torch.utils.data.DataLoader(ds["train"], batch_size=256, shuffle=False)
-    cuts = estimate_cuts(ISNet(plain, variant), loader, device=tr_plain.device)
-    timings["cuts_s"] = time.perf_counter() - t
-    if progress:
-        print(f"[fisnet demo] cuts (C1, C2): {cuts['input']}", flush=True)
 
-    # 3. the ISNet, from the same initial weights
+def _demo_cuts(tr_plain, train_set, variant: str, rules):
+    """2. C1/C2 (docs/spec.md §4.3) from the plain classifier's relevance over the training set
+    (eval-mode heatmaps of the final plain weights; the plain run doubles as the few-epoch P = 0 run)."""
+    from . import ISNet
+    from .cuts import estimate_cuts
+    loader = torch.utils.data.DataLoader(train_set, batch_size=256, shuffle=False)
+    return estimate_cuts(ISNet(tr_plain.model, variant, rules=rules), loader, device=tr_plain.device)
+
+
+def _demo_isnet_run(ds: Dict, spec: Dict, seed: int, out: str, p: Dict, common: Dict, cuts, variant: str,
+                    progress: bool):
+    """3. the ISNet, from the same initial weights."""
+    from .train import Trainer, TrainConfig
     if progress:
         print(f"[fisnet demo] {variant} ISNet: {p['isnet_epochs']} epochs, P = {p['P']}", flush=True)
-    t = time.perf_counter()
-    isn = fresh_model()
-    tr_isn = Trainer(isn, ds["train"], tests, os.path.join(out, "isnet"),
-                     TrainConfig(epochs=p["isnet_epochs"], P=p["P"], **common), cuts=cuts, overwrite=True)
-    tr_isn.fit()
-    timings["isnet_train_s"] = time.perf_counter() - t
+    tr = Trainer(_demo_model(spec, seed), ds["train"], _demo_tests(ds), os.path.join(out, "isnet"),
+                 TrainConfig(epochs=p["isnet_epochs"], P=p["P"], **common), cuts=cuts, overwrite=True)
+    tr.fit()
+    return tr
 
+
+def _demo_report(tr_plain, tr_isn, cuts, spec: Dict, p: Dict, **run) -> Dict:
+    """Accuracy and background share per test set and model, the cuts, the config, the machine."""
     res_plain = tr_plain.history[-1]["test"]
     res_isn = tr_isn.history[-1]["test"]
-    report = {
+    return {
         "accuracy": {"plain": {k: res_plain[k]["accuracy"] for k in TEST_SETS},
                      "isnet": {k: res_isn[k]["accuracy"] for k in TEST_SETS}},
         "background_share": {"plain": {k: res_plain[k]["background_share"] for k in TEST_SETS},
                              "isnet": {k: res_isn[k]["background_share"] for k in TEST_SETS}},
         "cuts": cuts,
-        "config": {"variant": variant, "seed": seed, "quick": quick, "model": spec, **p,
-                   "plain": tr_plain.cfg.to_dict(), "isnet": tr_isn.cfg.to_dict()},
+        "config": {**run, "model": spec, **p, "plain": tr_plain.cfg.to_dict(), "isnet": tr_isn.cfg.to_dict()},
         "machine": _machine(),
     }
 
-    # 4. figures
-    t = time.perf_counter()
+
+def _demo_figures(ds: Dict, tr_plain, tr_isn, out: str, variant: str, rules) -> Dict[str, str]:
+    """4. heatmaps.png (3 biased and 3 deceiving digits under both models) and loss_curves.png."""
+    from .lrp import explain
+    from .plot import heatmap_grid, loss_curves
+    plain, isn = tr_plain.model, tr_isn.model
     idx = list(range(0, min(len(ds["deceiving"]), 6)))
     rows_x = torch.cat([ds["biased"].images[idx[:3]], ds["deceiving"].images[idx[:3]]])
     rows_m = torch.cat([ds["biased"].masks[idx[:3]], ds["deceiving"].masks[idx[:3]]])
@@ -149,22 +200,24 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
     with torch.no_grad():
         pp = plain(rows_x.to(tr_plain.device)).argmax(1).cpu()
         pi = isn(rows_x.to(tr_isn.device)).argmax(1).cpu()
-    maps = {"plain": explain(plain, rows_x.to(tr_plain.device)).cpu(),
-            f"ISNet ({variant})": explain(isn, rows_x.to(tr_isn.device)).cpu()}
+    maps = {"plain": explain(plain, rows_x.to(tr_plain.device), rules=rules).cpu(),
+            f"ISNet ({variant})": explain(isn, rows_x.to(tr_isn.device), rules=rules).cpu()}
     titles = [f"{'biased' if i < 3 else 'deceiving'} y={int(labels[i])}\nplain {int(pp[i])} / isnet {int(pi[i])}"
               for i in range(len(labels))]
     grid = heatmap_grid(rows_x, maps, os.path.join(out, "heatmaps.png"), titles=titles, masks=rows_m)
     curves = loss_curves({"plain": tr_plain.history, "isnet": tr_isn.history}, os.path.join(out, "loss_curves.png"))
-    timings["figures_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t_all
-    report["timings"] = timings
-    report["files"] = {"heatmaps": os.path.basename(grid), "loss_curves": os.path.basename(curves),
-                       "plain_run": "plain", "isnet_run": "isnet"}
+    return {"heatmaps": os.path.basename(grid), "loss_curves": os.path.basename(curves),
+            "plain_run": "plain", "isnet_run": "isnet"}
+
+
+def _write_demo_report(report: Dict, out: str) -> None:
+    """5. OUT/report.json and the table on stdout."""
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(format_table(report))
-    print(f"wrote {os.path.join(out, 'report.json')}, {grid}, {curves} in {timings['total_s']:.0f} s")
-    return report
+    files = report["files"]
+    print(f"wrote {os.path.join(out, 'report.json')}, {os.path.join(out, files['heatmaps'])}, "
+          f"{os.path.join(out, files['loss_curves'])} in {report['timings']['total_s']:.0f} s")
 
 
 def format_table(report: Dict) -> str:
@@ -249,13 +302,23 @@ def _parse_P(text: str):
 
 # `fisnet train` options that a resumed run may change (how it runs, not what it computes); every
 # other option given with --resume must equal the run's saved one ("epochs" may only grow).
-RESUME_FREE_OPTIONS = {"out", "resume", "device", "threads", "workers", "no_progress", "debug", "epochs"}
+RESUME_FREE_OPTIONS = {"out", "resume", "device", "threads", "workers", "no_progress", "debug", "epochs",
+                       "log_every"}
 PATH_OPTIONS = ("folder", "masks", "test_folder", "test_masks", "cuts", "mnist", "out")
 
 
 def _cli_record(args) -> Dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "command") and not k.startswith("_")
             and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def _same_option(k: str, cur, saved) -> bool:
+    """An option given with --resume against its saved value (P schedules and rules by meaning)."""
+    if k == "P" and cur is not None and saved is not None:
+        return _parse_P(str(cur)) == _parse_P(str(saved))
+    if k == "rules":
+        return _parse_rules(cur) == _parse_rules(saved)
+    return cur == saved
 
 
 def _apply_saved_options(args, ck: Dict, path: str) -> None:
@@ -271,8 +334,7 @@ def _apply_saved_options(args, ck: Dict, path: str) -> None:
             continue
         if k in given:
             cur = getattr(args, k)
-            same = _parse_P(str(cur)) == _parse_P(str(v)) if k == "P" and cur is not None and v is not None \
-                else cur == v
+            same = _same_option(k, cur, v)
             if not same:
                 flag = "--" + k.replace("_", "-")
                 raise ValueError(f"{flag} {cur} differs from this run's saved {flag} {v}: a resumed run keeps its "
@@ -301,6 +363,7 @@ def cmd_train(args) -> int:
         _apply_saved_options(args, load_checkpoint(ckpath), ckpath)
     elif args.resume:
         print(f"no checkpoint in {args.out} yet: starting a new run", flush=True)
+    rules = _parse_rules(args.rules)
     if args.device:
         resolve_device(args.device)
     tr, tests, cin, K = _datasets(args)
@@ -316,6 +379,7 @@ def cmd_train(args) -> int:
                       model_spec=spec)
     cfg.lr_schedule = args.lr_schedule
     cfg.method, cfg.rrr_lambda = args.method, args.rrr_lambda  # rrr: fisnet.baselines
+    cfg.rules, cfg.log_every = rules, args.log_every
     cfg.classes = list(getattr(tr, "classes", None) or [str(i) for i in range(K)])
     cfg.cli = _cli_record(args)
     cuts = load_cuts(args.cuts) if args.cuts else None
@@ -345,11 +409,12 @@ def cmd_train(args) -> int:
 def cmd_tune_cuts(args) -> int:
     from . import ISNet, tune_cuts, save_cuts
     _threads(args.threads)
+    rules = _parse_rules(args.rules)
     tr, _, cin, K = _datasets(args)
     spec = _model_spec(args, cin, K)
     torch.manual_seed(args.seed)
     model = _build(spec)
-    net = ISNet(model, args.variant, eps=args.eps, lds_layers="default" if args.lds else None)
+    net = ISNet(model, args.variant, eps=args.eps, lds_layers="default" if args.lds else None, rules=rules)
     g = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(tr, batch_size=args.batch_size, shuffle=True, generator=g)
     from .train import resolve_device
@@ -398,7 +463,8 @@ def cmd_explain(args) -> int:
 
     def name(i):
         return f"{i} ({classes[i]})" if i < len(classes) else str(i)
-    R = explain(model, x, target, eps=eps, zb=cfg.get("zb", True), bounds=tuple(cfg.get("bounds", (0.0, 1.0))))
+    R = explain(model, x, target, eps=eps, zb=cfg.get("zb", True), bounds=tuple(cfg.get("bounds", (0.0, 1.0))),
+                rules=cfg.get("rules"))
     p = torch.softmax(logits, 1)[0, target].item()
     save_heatmap_png(x[0], R[0], args.out, title=f"class {name(target)} (p = {p:.2f})")
     if args.save_tensor:
@@ -438,7 +504,7 @@ def cmd_demo(args) -> int:
     run_demo(out=args.out, variant=args.variant, seed=args.seed, quick=args.quick, epochs=args.epochs,
              plain_epochs=args.plain_epochs, device=args.device, progress=not args.no_progress,
              width=args.width, n_train=args.n_train, lr=args.lr, P=args.P, batch_size=args.batch_size,
-             backbone=args.backbone)
+             backbone=args.backbone, rules=_parse_rules(args.rules))
     return 0
 
 
@@ -481,6 +547,33 @@ def _add_model_args(p):
                    help="ISNet variant (default selective)")
     g.add_argument("--eps", type=float, default=1e-2, help="LRP-epsilon (default 1e-2)")
     g.add_argument("--lds", action="store_true", help="LRP deep supervision on the backbone's default layers")
+    _add_rules_arg(g)
+
+
+def _add_rules_arg(g):
+    from .rules import DEFAULT_RULES
+    g.add_argument("--rules", metavar="KIND=RULE,...",
+                   help="override entries of the LRP rule table, e.g. norm=gradient,attention=attnlrp (kinds: "
+                        f"{', '.join(DEFAULT_RULES)}; fisnet.rules.describe_rules() prints the table with its "
+                        "formulas); default: fisnet.rules.DEFAULT_RULES")
+
+
+def _parse_rules(text: Optional[str]) -> Optional[Dict[str, str]]:
+    """"norm=gradient,attention=attnlrp" -> {"norm": "gradient", "attention": "attnlrp"} (checked
+    against the rule table: a wrong kind or rule name is fisnet.rules' one-line error); "" -> None."""
+    if not text:
+        return None
+    rules = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        kind, sep, name = part.partition("=")
+        if not sep or not kind.strip() or not name.strip():
+            raise ValueError(f"--rules {text!r}: expected KIND=RULE[,KIND=RULE...], e.g. norm=gradient,attention=attnlrp")
+        rules[kind.strip()] = name.strip()
+    from .rules import resolve_rules
+    resolve_rules(rules)
+    return rules or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,7 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"fisnet {_ver()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_demo_parser, _train_parser, _tune_cuts_parser, _explain_parser, _compare_parser, _bench_parser):
+        add(sub)
+    _add_debug_flags(ap)
+    return ap
 
+
+def _demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="biased digits: plain classifier vs ISNet (accuracy table, report.json, PNGs)",
                        description="Build the biased-digits benchmark (real MNIST digits with a class-specific "
                                    "marker in the background), train a plain classifier and an ISNet on it, tune "
@@ -513,11 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, help=f"learning rate (default {DEMO_DEFAULTS['lr']}, Adam)")
     d.add_argument("--P", type=float, help=f"heatmap loss weight (default {DEMO_DEFAULTS['P']})")
     d.add_argument("--batch-size", type=int, help=f"batch size (default {DEMO_DEFAULTS['batch_size']})")
+    _add_rules_arg(d)
     d.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     d.add_argument("--threads", type=int, help="torch CPU threads")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
+
+def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train an ISNet (or a plain classifier with --P 0)",
                        description="Train with the defaults of docs/spec.md §5 (SGD momentum 0.9, lr 1e-2, batch 128, clipping 1, "
                                    "P 0.7, d 0.9, E 1, eps 1e-2). Writes OUT/checkpoint.pt (atomically, every "
@@ -525,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--nproc_per_node N` trains with N processes (--batch-size is the global batch).")
     _add_data_args(t)
     _add_model_args(t)
+    _add_optimisation_args(t)
+    _add_run_args(t)
+    t.set_defaults(func=cmd_train)
+
+
+def _add_optimisation_args(t) -> None:
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="default sgd")
@@ -546,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isnet (default; --P 0 = plain) or rrr: Right for the Right Reasons baseline, cross-entropy "
                         "+ lambda x background input-gradient penalty (docs/compare.md)")
     g.add_argument("--rrr-lambda", type=float, default=1.0, help="RRR penalty weight lambda (default 1)")
+
+
+def _add_run_args(t) -> None:
     r = t.add_argument_group("run")
     r.add_argument("--out", default="./fisnet-run", help="run folder (default ./fisnet-run)")
     r.add_argument("--resume", action="store_true",
@@ -561,9 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--log-every", type=int, default=50, metavar="N",
+                   help="read the step losses back from the device every N steps (progress bar, divergence "
+                        "check; default 50) and at the end of each epoch")
     r.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=cmd_train)
 
+
+def _tune_cuts_parser(sub) -> None:
     c = sub.add_parser("tune-cuts", help="the C1/C2 heuristic (docs/spec.md §4.3) alone, written as JSON",
                        description="Train the model as a plain classifier for --epochs epochs and write C1/C2 "
                                    "(C1 = max(mu/5, mu-3sd), C2 = min(25 C1, mu+3sd) of the per-image total |R| "
@@ -580,10 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_tune_cuts)
 
+
+def _explain_parser(sub) -> None:
     e = sub.add_parser("explain", help="heatmap PNG of an image under a checkpoint",
                        description="Load a `fisnet train`/`fisnet demo` checkpoint, explain IMAGE (PNG/JPEG) with "
                                    "LRP-Flex for the predicted class (or --target) and write a PNG: image, "
-                                   "signed heatmap (bwr, white = 0) and overlay.")
+                                   "signed heatmap (bwr, white = 0) and overlay. The heatmap uses the rule "
+                                   "overrides the run was trained with (its --rules).")
     e.add_argument("image", metavar="IMAGE")
     e.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt or its run folder")
     e.add_argument("--out", default="heatmap.png", help="output PNG (default heatmap.png)")
@@ -595,6 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-tensor", action="store_true", help="also save the heatmap tensor (.pt)")
     e.set_defaults(func=cmd_explain)
 
+
+def _compare_parser(sub) -> None:
     cp = sub.add_parser("compare", help="plain, RRR and the four ISNet variants side by side (report.json, table, PNG)",
                         description="Train plain, rrr and the ISNet variants original, selective, stochastic, dual on "
                                     "the built-in biased data (one seed, one budget per method; docs/compare.md) and "
@@ -616,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cp.set_defaults(func=cmd_compare)
 
+
+def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="training-step time vs number of classes (bench/scaling.py)",
                        description="Median training-step time (interleaved repeats) of the plain classifier and "
                                    "the ISNet variants for K = 2, 10, 100, 1000 classes; writes a CSV and a PNG "
@@ -632,8 +754,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int, help="small_cnn width (default 16)")
     b.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     b.set_defaults(func=cmd_bench)
-    _add_debug_flags(ap)
-    return ap
 
 
 def _add_debug_flags(ap) -> None:
