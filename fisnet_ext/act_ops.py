@@ -18,7 +18,7 @@ it needs eps > 0.
 Backends (chosen as for lrp_relu): C++ CPU kernels, CUDA kernels (FISNET_CUDA=1), Triton
 (``fisnet::act_*_triton``; GPUs, or CPU tensors under TRITON_INTERPRET=1), the reference.
 Registration, fake kernels, autograd, double/third derivatives and vmap come from the
-`fisnet_ext.opgroup.OpGroup` template.
+`fisnet_ext.opgroup.elementwise` template.
 
 ``lrp_act(x, kind, eps, switch=None, backend=None, *, param=None)`` is the differentiable
 activation that the method layer puts in a model (like ``lrp_relu``): forward φ; backward
@@ -37,8 +37,8 @@ from typing import Optional
 
 import torch
 
-from . import reference
-from .opgroup import OpGroup, check_slot_args
+from . import ops, reference  # noqa: F401  (ops: HeatmapSwitch, slot_mask; bench/kernels.py reads ops.WITH_CUDA)
+from .opgroup import check_slot_args, elementwise
 from .ops import HeatmapSwitch, slot_mask
 
 KINDS = {
@@ -97,10 +97,11 @@ def plain_grad(grad: torch.Tensor, x: torch.Tensor, kind: int, param: float) -> 
 def _triton():
     from .triton import act  # imported lazily: importing triton is slow
 
-    return act
+    return act.fwd, act.bwd, act.bwd_bwd
 
 
-GROUP = OpGroup(
+GROUP = elementwise(
+    "ActFamily",
     names=("act_fwd", "act_bwd", "act_bwd_bwd"),
     params="int kind, float param",
     reference=(reference.act_fwd, reference.act_bwd, reference.act_bwd_bwd),

@@ -19,63 +19,30 @@ reduction kernels.  Here it is two passes over the data (sums, then an affine co
 element).  ``fisnet.traced.TracedBatchNorm`` uses these ops for the heatmap backward of every
 training-mode BatchNorm in a traced forward.
 
-Families as for lrp_relu (fisnet_ext/ops.py): C++ CPU kernel, CUDA kernel (FISNET_CUDA=1),
-Triton (``fisnet::bn_train_bwd_triton`` / ``fisnet::bn_train_bwd_bwd_triton``) and the reference.
-Registered here: fake kernels, autograd (bwd → bwd_bwd; bwd_bwd's own autograd differentiates
-the reference formula, so third derivatives exist) and vmap rules (a batched g/h becomes a slot
-dim; a batched x or weight falls back to one call per batch entry).
+Backends as for lrp_relu: C++ CPU kernel, CUDA kernel (FISNET_CUDA=1), Triton
+(``fisnet::bn_train_bwd_triton`` / ``fisnet::bn_train_bwd_bwd_triton``) and the reference, registered
+through the op-group template (`fisnet_ext.opgroup.OpGroup`): fake kernels, autograd (bwd → bwd_bwd;
+bwd_bwd's own autograd differentiates the reference formula, so third derivatives exist), vmap
+rules (a batched g/h becomes a slot dim; a batched x or weight falls back to one call per batch
+entry) and the backend choice.
+
+`bn_heatmap_backward(device, backend)` is the public form the method layer uses for a traced
+training-mode BatchNorm: the backend is chosen when the forward runs, the op called in the backward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from . import ops, reference
-from .ops import _front, _register_vmap
-
-HAVE_TRITON = ops.HAVE_TRITON
+from . import reference
+from .opgroup import HAVE_TRITON, NEXT, Op, OpGroup, check_eps, check_tensors, front, vmap_loop  # noqa: F401
 
 
 def _triton():
     from .triton import bn as tb  # imported lazily: importing triton is slow
 
-    return tb
-
-
-if HAVE_TRITON:
-
-    @torch.library.custom_op("fisnet::bn_train_bwd_triton", mutates_args=())
-    def _bwd_triton(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return _triton().bn_train_bwd(g, x, weight, eps)
-
-    @torch.library.custom_op("fisnet::bn_train_bwd_bwd_triton", mutates_args=())
-    def _bwd_bwd_triton(h: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton().bn_train_bwd_bwd(h, g, x, weight, eps)
-
-
-def _bwd_bwd_backward_torch(ctx, a, b, c):
-    """Autograd of bn_train_bwd_bwd: the reference formula differentiated by autograd (third
-    derivatives; rarely used, so clarity over speed)."""
-    h, g, x, w = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (h, g, x, w)]
-        outs = reference.bn_train_bwd_bwd(*leaves, ctx.eps)
-        pairs = [(o, gr) for o, gr in zip(outs, (a, b, c)) if gr is not None]
-        if not pairs:
-            return None, None, None, None, None
-        grads = torch.autograd.grad([o for o, _ in pairs], leaves, [gr for _, gr in pairs],
-                                    create_graph=torch.is_grad_enabled(), allow_unused=True)
-    return tuple(grads) + (None,)
-
-
-@dataclass(frozen=True)
-class BNFamily:
-    name: str
-    bwd: Callable
-    bwd_bwd: Callable
+    return tb.bn_train_bwd, tb.bn_train_bwd_bwd
 
 
 def _check_shapes(g, x, w):
@@ -86,95 +53,64 @@ def _check_shapes(g, x, w):
                  lambda: f"fisnet.bn_train_bwd: weight must have shape ({x.shape[1]},), got {tuple(w.shape)}")
 
 
-def _register_family(name: str, bwd_name: str, bwd_bwd_name: str) -> BNFamily:
-    bwd = getattr(torch.ops.fisnet, bwd_name).default
-    bwd_bwd = getattr(torch.ops.fisnet, bwd_bwd_name).default
-
-    @torch.library.register_fake(f"fisnet::{bwd_name}")
-    def _(g, x, w, eps):
-        _check_shapes(g, x, w)
-        return torch.empty_like(g)
-
-    @torch.library.register_fake(f"fisnet::{bwd_bwd_name}")
-    def _(h, g, x, w, eps):
-        _check_shapes(g, x, w)
-        return torch.empty_like(g), torch.empty_like(x), torch.empty_like(w)
-
-    def bwd_setup(ctx, inputs, output):
-        g, x, w, eps = inputs
-        ctx.save_for_backward(g, x, w)
-        ctx.eps = eps
-
-    def bwd_backward(ctx, grad):
-        g, x, w = ctx.saved_tensors
-        d_g, d_x, d_w = bwd_bwd(grad, g, x, w, ctx.eps)
-        return d_g, d_x, d_w, None
-
-    torch.library.register_autograd(f"fisnet::{bwd_name}", bwd_backward, setup_context=bwd_setup)
-
-    def bwd_bwd_setup(ctx, inputs, output):
-        h, g, x, w, eps = inputs
-        ctx.save_for_backward(h, g, x, w)
-        ctx.eps = eps
-
-    torch.library.register_autograd(f"fisnet::{bwd_bwd_name}", _bwd_bwd_backward_torch, setup_context=bwd_bwd_setup)
-
-    @_register_vmap(f"fisnet::{bwd_name}")
-    def _(info, in_dims, g, x, w, eps):
-        gd, xd, wd, _ = in_dims
-        n = info.batch_size
-        if xd is None and wd is None:  # the batch of g is one more slot dim
-            return bwd(_front(g, gd, n), x, w, eps), 0
-        g, x, w = _front(g, gd, n), _front(x, xd, n), _front(w, wd, n)
-        return torch.stack([bwd(g[i], x[i], w[i], eps) for i in range(n)]), 0
-
-    @_register_vmap(f"fisnet::{bwd_bwd_name}")
-    def _(info, in_dims, h, g, x, w, eps):
-        # per batch entry: slot dims would sum d/dx and d/dweight over the entries (rare: only a
-        # transform of the double backward itself gets here)
-        n = info.batch_size
-        h, g, x, w = (_front(t, d, n) for t, d in zip((h, g, x, w), in_dims[:4]))
-        parts = [bwd_bwd(h[i], g[i], x[i], w[i], eps) for i in range(n)]
-        return tuple(torch.stack([p[k] for p in parts]) for k in range(3)), (0, 0, 0)
-
-    return BNFamily(name, bwd, bwd_bwd)
+def _fake_bwd(g, x, w, eps):
+    _check_shapes(g, x, w)
+    return torch.empty_like(g)
 
 
-NATIVE = _register_family("native", "bn_train_bwd", "bn_train_bwd_bwd")
-TRITON = _register_family("triton", "bn_train_bwd_triton", "bn_train_bwd_bwd_triton") if HAVE_TRITON else None
-REFERENCE = BNFamily("reference", reference.bn_train_bwd, reference.bn_train_bwd_bwd)
+def _fake_bwd_bwd(h, g, x, w, eps):
+    _check_shapes(g, x, w)
+    return torch.empty_like(g), torch.empty_like(x), torch.empty_like(w)
+
+
+_loop3, _loop4 = vmap_loop(3), vmap_loop(4)
+
+
+def _vmap_bwd(op, info, in_dims, g, x, w, eps):
+    """A batched g is one more slot dim; a batched x or weight: one call per batch entry."""
+    gd, xd, wd, _ = in_dims
+    if xd is None and wd is None:
+        return op(front(g, gd, info.batch_size), x, w, eps), 0
+    return _loop3(op, info, in_dims, g, x, w, eps)
+
+
+GROUP = OpGroup("BNFamily", [
+    Op("bwd", "bn_train_bwd", "(Tensor g, Tensor x, Tensor weight, float eps) -> Tensor", reference.bn_train_bwd,
+       _fake_bwd, _vmap_bwd, 3, grad=NEXT),
+    # vmap per batch entry: slot dims would sum d/dx and d/dweight over the entries (rare: only a
+    # transform of the double backward itself gets here)
+    Op("bwd_bwd", "bn_train_bwd_bwd", "(Tensor h, Tensor g, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)",
+       reference.bn_train_bwd_bwd, _fake_bwd_bwd, _loop4, 4, grad=None),
+], triton=_triton)
+NATIVE, TRITON, REFERENCE = GROUP.native, GROUP.triton_ops, GROUP.reference_ops
+BNFamily = GROUP.Backend  # the two ops of one backend: name, bwd, bwd_bwd
 
 
 def bn_family(device: torch.device, backend: Optional[str] = None) -> BNFamily:
     """The BatchNorm op family for `device` under `backend`: the choice of `fisnet_ext.ops.family`."""
-    return ops.same_choice(device, backend, NATIVE, TRITON, REFERENCE)
+    return GROUP.choose(device, backend)
 
 
-def _check_args(op: str, eps, **tensors) -> float:
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"fisnet.{op}: {name} must be a floating-point tensor, got {type(t).__name__}"
-                            + (f" of dtype {t.dtype}" if isinstance(t, torch.Tensor) else ""))
-    x = tensors["x"]
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"fisnet.{op}: {name} is {t.dtype} but x is {x.dtype}; pass tensors of one dtype")
-        if t.device != x.device:
-            raise ValueError(f"fisnet.{op}: {name} is on {t.device} but x is on {x.device}")
-    g, w = tensors["g"], tensors["weight"]
+def check_bn(op: str, eps, x, weight, one_dtype: bool = True, **maps) -> float:
+    """The Python argument check of the BatchNorm ops (public functions and Triton launchers):
+    floating-point tensors on x's device and, but for the weight when `one_dtype` is False (the
+    Triton launchers accept an fp32 weight with half data), of x's dtype; x of shape (N, C, *);
+    the maps (g, and h) of x's shape with optional leading slot dims, equal to each other;
+    weight of shape (C,); eps >= 0."""
+    check_tensors(op, ref="x", any_dtype=() if one_dtype else ("weight",), **maps, x=x, weight=weight)
     if x.dim() < 2:
         raise ValueError(f"fisnet.{op}: x must have shape (N, C, ...), got {tuple(x.shape)}")
-    if g.dim() < x.dim() or tuple(g.shape[g.dim() - x.dim():]) != tuple(x.shape):
-        raise ValueError(f"fisnet.{op}: g has shape {tuple(g.shape)} but x has shape {tuple(x.shape)}; g must have "
-                         "x's shape, optionally with leading slot dimensions")
-    if tuple(w.shape) != (x.shape[1],):
-        raise ValueError(f"fisnet.{op}: weight must have shape ({x.shape[1]},) (one per channel), got {tuple(w.shape)}")
-    if "h" in tensors and tensors["h"].shape != g.shape:
-        raise ValueError(f"fisnet.{op}: h has shape {tuple(tensors['h'].shape)} but g has {tuple(g.shape)}")
-    eps = float(eps)
-    if not eps >= 0.0:
-        raise ValueError(f"fisnet.{op}: eps must be >= 0, got {eps}")
-    return eps
+    for name, t in maps.items():
+        if t.dim() < x.dim() or tuple(t.shape[t.dim() - x.dim():]) != tuple(x.shape):
+            raise ValueError(f"fisnet.{op}: {name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}; "
+                             f"{name} must have x's shape, optionally with leading slot dimensions")
+    if tuple(weight.shape) != (x.shape[1],):
+        raise ValueError(f"fisnet.{op}: weight must have shape ({x.shape[1]},) (one per channel), got "
+                         f"{tuple(weight.shape)}")
+    if len({tuple(t.shape) for t in maps.values()}) > 1:
+        raise ValueError(f"fisnet.{op}: " + " and ".join(f"{k} has shape {tuple(t.shape)}" for k, t in maps.items())
+                         + "; they must be equal")
+    return check_eps(op, eps)
 
 
 def bn_train_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -182,12 +118,45 @@ def bn_train_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: fl
     """The input-gradient of training-mode BatchNorm (batch statistics of x) for output-gradient
     g; differentiable to any order in g, x and weight.  x: (N, C, *); weight: (C,) (ones for a
     BatchNorm without affine parameters); eps: the BatchNorm's eps."""
-    eps = _check_args("bn_train_bwd", eps, g=g, x=x, weight=weight)
+    eps = check_bn("bn_train_bwd", eps, x, weight, g=g)
     return bn_family(x.device, backend).bwd(g, x, weight, eps)
 
 
 def bn_train_bwd_bwd(h: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
                      backend: Optional[str] = None):
     """``(d/dg, d/dx, d/dweight)`` of `bn_train_bwd` contracted with h (differentiable)."""
-    eps = _check_args("bn_train_bwd_bwd", eps, h=h, g=g, x=x, weight=weight)
+    eps = check_bn("bn_train_bwd_bwd", eps, x, weight, h=h, g=g)
     return bn_family(x.device, backend).bwd_bwd(h, g, x, weight, eps)
+
+
+class BNHeatmapBackward:
+    """The heatmap backward of a training-mode BatchNorm on one backend (see `bn_heatmap_backward`)."""
+
+    __slots__ = ("backend", "_bwd")
+
+    def __init__(self, fam):
+        self.backend = fam.name
+        self._bwd = fam.bwd
+
+    def __call__(self, g: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+        if weight is None:  # a BatchNorm without affine parameters
+            weight = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        return self._bwd(g, x, weight, eps)
+
+    def __repr__(self):
+        return f"BNHeatmapBackward(backend={self.backend!r})"
+
+
+def bn_heatmap_backward(device, backend: Optional[str] = None) -> BNHeatmapBackward:
+    """The heatmap backward of a training-mode BatchNorm on `device`, its backend chosen now.
+
+    ``bn_heatmap_backward(x.device, backend)`` picks the backend as every fisnet op does (`backend`,
+    else the current one; the same errors, raised here) and returns ``f(g, x, weight, eps)``:
+    `bn_train_bwd` on that backend -- the input-gradient of ``F.batch_norm(x, ..., training=True)``
+    for output-gradient g, with x's batch statistics, differentiable to any order (its derivative
+    is `bn_train_bwd_bwd`).  ``weight=None`` stands for a BatchNorm without affine parameters.
+    g may carry leading slot dims over x's shape.  The call does not repeat the Python argument
+    checks: the kernels check their arguments themselves.  A traced forward calls this once per
+    BatchNorm, so that its heatmap backward runs on the backend in force when the forward ran
+    (as `lrp_relu` does)."""
+    return BNHeatmapBackward(bn_family(torch.device(device), backend))

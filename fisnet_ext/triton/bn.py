@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..bn_ops import check_bn  # the BatchNorm ops' one Python check
+
 __all__ = ["bn_train_bwd", "bn_train_bwd_bwd"]
 
 # Reduction tiles: 1024 elements at 4 warps, 8 per thread and up to 7 accumulators each.
@@ -78,29 +80,6 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _check_args(op: str, eps: float, x: torch.Tensor, weight: torch.Tensor, **maps: torch.Tensor) -> None:
-    for name, t in [("x", x), ("weight", weight), *maps.items()]:
-        if not t.is_floating_point():
-            raise TypeError(f"fisnet.{op}: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"fisnet.{op}: {name} is on {t.device} but x is on {x.device}")
-    if x.dim() < 2:
-        raise ValueError(f"fisnet.{op}: x must have shape (N, C, *), got {tuple(x.shape)}")
-    if tuple(weight.shape) != (x.shape[1],):
-        raise ValueError(f"fisnet.{op}: weight has shape {tuple(weight.shape)}, expected ({x.shape[1]},) "
-                         f"for x of shape {tuple(x.shape)}")
-    for name, t in maps.items():
-        if t.dim() < x.dim() or tuple(t.shape[t.dim() - x.dim():]) != tuple(x.shape):
-            raise ValueError(f"fisnet.{op}: {name} has shape {tuple(t.shape)}, x has shape {tuple(x.shape)}; "
-                             f"{name} must have x's shape, optionally with leading slot dimensions")
-    shapes = {tuple(t.shape) for t in maps.values()}
-    if len(shapes) > 1:
-        raise ValueError(f"fisnet.{op}: " + " and ".join(f"{k} has shape {tuple(t.shape)}" for k, t in maps.items())
-                         + "; they must be equal")
-    if not eps >= 0.0:
-        raise ValueError(f"fisnet.{op}: eps must be >= 0, got {eps}")
 
 
 @triton.jit
@@ -283,7 +262,7 @@ def _moments(lay: _Layout, sums: torch.Tensor, eps: float):
 
 def bn_train_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """s (g - mean(g) - x̂ mean(g x̂)) per channel and slot; g's shape and dtype."""
-    _check_args("bn_train_bwd", eps, x, weight, g=g)
+    check_bn("bn_train_bwd", eps, x, weight, one_dtype=False, g=g)
     gc, xc = g.contiguous(), x.contiguous()
     out = torch.empty_like(gc)
     lay = _Layout(xc, gc)
@@ -307,7 +286,7 @@ def bn_train_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: fl
 
 def bn_train_bwd_bwd(h: torch.Tensor, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
     """(d_g, d_x, d_weight) of <h, bn_train_bwd(g, x, weight, eps)>; d_x and d_weight summed over slots."""
-    _check_args("bn_train_bwd_bwd", eps, x, weight, h=h, g=g)
+    check_bn("bn_train_bwd_bwd", eps, x, weight, one_dtype=False, h=h, g=g)
     hc, gc, xc = h.contiguous(), g.contiguous(), x.contiguous()
     lay = _Layout(xc, gc)
     d_g = torch.empty_like(gc)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..opgroup import check_slot_args  # the element-wise groups' one Python check
+
 __all__ = ["lrp_relu_fwd", "lrp_relu_bwd", "lrp_relu_bwd_bwd"]
 
 # 16 elements per thread at 8 warps: four 128-bit accesses per tensor for fp32, two for fp16/bf16.
@@ -41,21 +43,6 @@ def _acc_dtype(dtype: torch.dtype):
 def _check_float(t: torch.Tensor, name: str) -> None:
     if not t.is_floating_point():
         raise TypeError(f"fisnet: {name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _check_bwd_args(g: torch.Tensor, x: torch.Tensor, eps: float) -> None:
-    _check_float(x, "x")
-    if g.dtype != x.dtype:
-        raise TypeError(f"fisnet.lrp_relu_bwd: g is {g.dtype} but x is {x.dtype}; pass tensors of one dtype")
-    if g.device != x.device:
-        raise ValueError(f"fisnet.lrp_relu_bwd: g is on {g.device} but x is on {x.device}")
-    if not eps >= 0.0:
-        raise ValueError(f"fisnet.lrp_relu_bwd: eps must be >= 0, got {eps}")
-    if g.dim() < x.dim() or tuple(g.shape[g.dim() - x.dim():]) != tuple(x.shape):
-        raise ValueError(
-            f"fisnet.lrp_relu_bwd: g has shape {tuple(g.shape)}, x has shape {tuple(x.shape)}; "
-            "g must have x's shape, optionally with leading slot dimensions"
-        )
 
 
 @triton.jit
@@ -161,7 +148,7 @@ def lrp_relu_fwd(x: torch.Tensor) -> torch.Tensor:
 
 def lrp_relu_bwd(g: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """x > 0 ? g * x / (x + eps) : 0, x broadcast over g's leading slot dimensions."""
-    _check_bwd_args(g, x, eps)
+    check_slot_args("lrp_relu_bwd", g, x, eps)
     gc, xc = g.contiguous(), x.contiguous()
     out = torch.empty_like(gc)
     n, nx = gc.numel(), xc.numel()
@@ -176,14 +163,7 @@ def lrp_relu_bwd(g: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def lrp_relu_bwd_bwd(gg: torch.Tensor, g: torch.Tensor, x: torch.Tensor, eps: float):
     """(dg, dx) of lrp_relu_bwd contracted with gg; both have g's shape."""
-    _check_bwd_args(g, x, eps)
-    if gg.shape != g.shape:
-        raise ValueError(f"fisnet.lrp_relu_bwd_bwd: gg has shape {tuple(gg.shape)} but g has shape "
-                         f"{tuple(g.shape)}; they must be equal")
-    if gg.dtype != g.dtype:
-        raise TypeError(f"fisnet.lrp_relu_bwd_bwd: gg is {gg.dtype} but g is {g.dtype}; pass tensors of one dtype")
-    if gg.device != g.device:
-        raise ValueError(f"fisnet.lrp_relu_bwd_bwd: gg is on {gg.device} but g is on {g.device}")
+    check_slot_args("lrp_relu_bwd_bwd", g, x, eps, gg)
     ggc, gc, xc = gg.contiguous(), g.contiguous(), x.contiguous()
     dg = torch.empty_like(gc)
     dx = torch.empty_like(gc)

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..zplus_ops import check_zplus  # the z⁺ ops' one Python check
+
 __all__ = ["zplus_ratio", "zplus_ratio_bwd"]
 
 _BLOCK = 4096
@@ -32,23 +34,6 @@ _INT32_LIMIT = 2**31 - 1
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _check_args(op: str, eps: float, **tensors: torch.Tensor) -> None:
-    (ref_name, ref), *rest = tensors.items()
-    if not ref.is_floating_point():
-        raise TypeError(f"fisnet: {ref_name} must be a floating-point tensor, got {ref.dtype}")
-    for name, t in rest:
-        if t.dtype != ref.dtype:
-            raise TypeError(f"fisnet.{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}; "
-                            "pass tensors of one dtype")
-        if t.device != ref.device:
-            raise ValueError(f"fisnet.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
-        if t.shape != ref.shape:
-            raise ValueError(f"fisnet.{op}: {name} has shape {tuple(t.shape)} but {ref_name} has shape "
-                             f"{tuple(ref.shape)}; all tensors must have one shape")
-    if not eps >= 0.0:
-        raise ValueError(f"fisnet.{op}: eps must be >= 0, got {eps}")
 
 
 @triton.jit
@@ -104,7 +89,7 @@ def _on_device(t: torch.Tensor):
 
 def zplus_ratio(g: torch.Tensor, num: torch.Tensor, zp: torch.Tensor, eps: float) -> torch.Tensor:
     """g * num / (zp + eps), 0 where zp + eps == 0."""
-    _check_args("zplus_ratio", eps, g=g, num=num, zp=zp)
+    check_zplus("zplus_ratio", eps, g=g, num=num, zp=zp)
     gc, nc, zc = g.contiguous(), num.contiguous(), zp.contiguous()
     out = torch.empty_like(gc)
     n = gc.numel()
@@ -119,7 +104,7 @@ def zplus_ratio(g: torch.Tensor, num: torch.Tensor, zp: torch.Tensor, eps: float
 
 def zplus_ratio_bwd(gs: torch.Tensor, g: torch.Tensor, num: torch.Tensor, zp: torch.Tensor, eps: float):
     """(d/dg, d/dnum, d/dzp) of zplus_ratio contracted with gs; 0 where zp + eps == 0."""
-    _check_args("zplus_ratio_bwd", eps, gs=gs, g=g, num=num, zp=zp)
+    check_zplus("zplus_ratio_bwd", eps, gs=gs, g=g, num=num, zp=zp)
     gsc, gc, nc, zc = gs.contiguous(), g.contiguous(), num.contiguous(), zp.contiguous()
     dg, dnum, dzp = torch.empty_like(gc), torch.empty_like(gc), torch.empty_like(gc)
     n = gc.numel()
