@@ -22,7 +22,8 @@ not a tensor.
 
 `TracedBatchNorm` is the same idea for a BatchNorm that normalises with batch statistics
 (training mode): forward `torch.native_batch_norm` (output and running-statistics update as
-`F.batch_norm`); heatmap backward the fused `fisnet_ext.bn_train_bwd` op, whose derivative is the
+`F.batch_norm`); heatmap backward the fused `fisnet_ext.bn_train_bwd` op (through
+`fisnet_ext.bn_heatmap_backward`: its backend chosen when the forward runs), whose derivative is the
 fused `bn_train_bwd_bwd` (two passes over the data instead of PyTorch's
 `batchnorm_double_backward`, some thirty kernels; docs/status.md); ordinary backward
 `aten.native_batch_norm_backward`, PyTorch's own.  Eval-mode BatchNorm (running statistics) is
@@ -36,7 +37,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fisnet_ext.bn_ops import bn_family
+import fisnet_ext
 
 from .rules import conv_input_grad
 
@@ -99,10 +100,10 @@ def _heatmap_mode(switches) -> bool:
 
 class TracedBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, switches, fam):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, switches, heatmap_bwd):
         out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps, ctx.switches, ctx.fam = eps, switches, fam
+        ctx.eps, ctx.switches, ctx.heatmap_bwd = eps, switches, heatmap_bwd
         ctx.has_bias = bias is not None
         return out
 
@@ -113,8 +114,7 @@ class TracedBatchNorm(torch.autograd.Function):
         if _heatmap_mode(ctx.switches):
             if not ctx.needs_input_grad[0]:
                 return (None, None, None) + none
-            w1 = w if w is not None else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-            return (ctx.fam.bwd(g, x, w1, ctx.eps), None, None) + none
+            return (ctx.heatmap_bwd(g, x, w, ctx.eps), None, None) + none
         mask = [ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, ctx.eps, mask)
@@ -139,6 +139,6 @@ def traced_batch_norm(args, kwargs, switches: Sequence, backend=None) -> torch.T
             or any(t is not None and (not isinstance(t, torch.Tensor) or t.dtype != x.dtype) for t in (w, b))
             or torch.is_autocast_enabled(x.device.type)):
         return F.batch_norm(*args, **kwargs)
-    fam = bn_family(x.device, backend)
+    heatmap_bwd = fisnet_ext.bn_heatmap_backward(x.device, backend)
     return TracedBatchNorm.apply(x, w, b, rm if training else None, rv if training else None, float(momentum),
-                                 float(eps), tuple(switches), fam)
+                                 float(eps), tuple(switches), heatmap_bwd)
