@@ -31,9 +31,15 @@ after an epoch whose steps and weights are all finite).
 
 Multi-process (``torchrun --nproc_per_node N ...``; ``WORLD_SIZE > 1``): the trainer calls
 ``init_process_group`` (NCCL on CUDA, gloo on CPU), gives each rank 1/N of every global batch
-(``batch_size`` is the GLOBAL batch), broadcasts the initial weights from rank 0 and, after each
-backward, all-reduces the gradients and divides them by N (then clips). With no BatchNorm, N
-processes give the weights of one process on the same global batch (up to float summation order).
+(``batch_size`` is the GLOBAL batch), broadcasts the initial weights from rank 0 and wraps the
+model in ``DistributedDataParallel``: the training forward (the ISNet trace) runs through the
+wrapper and its reducer averages the gradients in buckets during the final backward (then the
+trainer clips). The heatmap backward inside the forward (``autograd.grad(create_graph=True)``)
+differentiates with respect to activations, not parameters, so the reducer's hooks fire once per
+step as usual. ``broadcast_buffers=False``: each rank keeps its own BatchNorm running statistics
+(rank 0's are saved and evaluated), as before. ``ddp=False`` all-reduces the gradients by hand
+after the backward instead (the same weights). With no BatchNorm, N processes give the weights of
+one process on the same global batch (up to float summation order; tested to 1e-10 in float64).
 ``sync_bn=True`` converts BatchNorm layers to ``SyncBatchNorm`` (statistics over the global
 batch); note that the LRP trace then sees SyncBatchNorm's custom autograd function, whose double
 backward PyTorch does not provide — use it for plain training, or keep per-rank BatchNorm.
@@ -121,6 +127,7 @@ class Trainer:
         if not resumed and self._needs_heatmaps and self.cuts is None:
             self.cuts = self._tune_cuts()
         self.crit = ISNetLoss(P=cfg.P, d=cfg.d, E=cfg.E, cuts=self.cuts, foreground=cfg.foreground)
+        self._distribute(cfg.ddp)
         self._write_config()
 
     # -- setup ---------------------------------------------------------------------------
@@ -148,6 +155,19 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed + 7919 * self.rank)
         self.net = self._isnet(self.model, "default" if cfg.lds else None, self.generator)
+        self._lds_layers = self.net.lds_layers
+        self.forward_model = self.model  # what the training forward calls (DDP: the wrapper)
+        self.ddp = None
+
+    def _distribute(self, ddp: bool) -> None:
+        """Under torchrun: the model in DistributedDataParallel, the training forward (the ISNet's
+        trace, the plain and the baseline forward) through it; the trace then sees the wrapper, so
+        the LDS layer names get its ``module.`` prefix. ``ddp=False``: the manual all-reduce."""
+        if self.world <= 1 or not ddp:
+            return
+        self.ddp = self.forward_model = _ddp.wrap_ddp(self.model, self.device)
+        lds = ["module." + n for n in self._lds_layers] if self._lds_layers else None
+        self.net = self._isnet(self.ddp, lds, self.generator)
 
     def _isnet(self, model: nn.Module, lds_layers, generator) -> ISNet:
         cfg = self.cfg
@@ -181,7 +201,7 @@ class Trainer:
         cuts = None
         if self.rank == 0:
             twin = copy.deepcopy(self.model)
-            tnet = self._isnet(twin, self.net.lds_layers, torch.Generator(device=self.device).manual_seed(cfg.seed + 1))
+            tnet = self._isnet(twin, self._lds_layers, torch.Generator(device=self.device).manual_seed(cfg.seed + 1))
             g = torch.Generator().manual_seed(cfg.seed + 2)
             loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, generator=g,
                                 num_workers=cfg.num_workers)
@@ -266,11 +286,13 @@ class Trainer:
         """The forward and the training loss of one batch (the criterion's ``.last`` holds its parts)."""
         with self._autocast():
             if self.loss_fn is not None:  # a baseline's loss (fisnet.baselines)
-                return self.loss_fn(self.model, x, y, m)
+                return self.loss_fn(self.forward_model, x, y, m)
             if P > 0:
                 out = self.net(x, y)
+                if self.ddp is not None:  # LDS maps named as the model names its layers (and the cuts)
+                    out = _ddp.unwrapped_names(out)
             else:
-                out = ISNetOutput(self.model(x), variant="plain")
+                out = ISNetOutput(self.forward_model(x), variant="plain")
         return self.crit(out, y, m, epoch=epoch)
 
     def _step(self, x, m, y, P: float, epoch: int):
@@ -283,7 +305,7 @@ class Trainer:
             self.scaler.unscale_(self.opt)
         else:
             loss.backward()
-        if self.world > 1:
+        if self.world > 1 and self.ddp is None:  # DDP averaged them during the backward
             self._allreduce_grads()
         gnorm = self._grad_norm(self.cfg.clip)  # clips when cfg.clip
         if self.scaler is not None:
@@ -308,7 +330,7 @@ class Trainer:
             group["lr"] = self.lr_at(e)
         P = self.crit.p_at(e) if self.loss_fn is None else 0.0
         self.sampler.set_epoch(e)
-        self.model.train()
+        self.forward_model.train()
         # the gradient norm is the same on every rank (all-reduced gradients), the loss is not:
         # checked on one process only, so that all ranks stop together
         sums = StepSums(self.device, check_grad=self.scaler is None, check_loss=self.world == 1)

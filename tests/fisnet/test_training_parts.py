@@ -234,3 +234,56 @@ def test_check_resume_config():
         check_resume_config(cfg().to_dict(), saved, 1, "RUN")
     with pytest.raises(ValueError, match="already finished 2 epochs"):
         check_resume_config(cfg(rules=RULES, epochs=1).to_dict(), saved, 2, "RUN")
+
+
+# ----------------------------------------------------------------------------- DDP: 2 gloo processes
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_run(ddp):
+    """3 Selective steps (global batch 8) of a float64 model without BatchNorm."""
+    model = tiny_model().double()
+    return Trainer(model, tiny_set(n=24, dtype=torch.float64), None, None,
+                   cfg(variant="selective", batch_size=8, lr=0.05, ddp=ddp, log_every=2), cuts=CUTS)
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    try:
+        states = {}
+        for ddp in (True, False):
+            t = _ddp_run(ddp)
+            assert t.world == 2 and t.loader.batch_size == 4
+            assert isinstance(t.net.model, DistributedDataParallel) == ddp
+            t.fit()
+            states["ddp" if ddp else "manual"] = {k: v.clone() for k, v in t.model.state_dict().items()}
+            states["loss_ddp" if ddp else "loss_manual"] = t.history[0]["train_loss"]
+        if rank == 0:
+            torch.save(states, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "states.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    torch.set_num_threads(1)
+    single = _ddp_run(True)  # one process: no DDP
+    assert single.world == 1 and single.ddp is None
+    single.fit()
+    init = tiny_model().double().state_dict()
+    for k, ref in single.model.state_dict().items():
+        assert not torch.equal(ref, init[k])  # the weights moved
+        torch.testing.assert_close(got["ddp"][k], ref, rtol=0, atol=1e-10, msg=k)
+        torch.testing.assert_close(got["ddp"][k], got["manual"][k], rtol=0, atol=1e-12, msg=k)
+    assert got["loss_ddp"] == pytest.approx(single.history[0]["train_loss"], rel=1e-12, abs=0)

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 # Config fields that may differ when a run is resumed (they change how it runs, not what it
 # computes); every other field must equal the saved one ("epochs" may grow).
 RESUME_FREE = frozenset({"epochs", "device", "num_workers", "progress", "verbose", "eval_batch_size",
-                         "eval_share", "eval_share_max_images", "deterministic", "run_name", "cli", "log_every"})
+                         "eval_share", "eval_share_max_images", "deterministic", "run_name", "cli", "log_every",
+                         "ddp"})
 
 
 class CheckpointError(ValueError):
@@ -68,6 +69,9 @@ class TrainConfig:
     # the step losses are summed on the device and read (one host synchronisation) every log_every
     # steps and at the end of each epoch; the divergence check and the progress bar act at those reads
     log_every: int = 50
+    # under torchrun: DistributedDataParallel (bucketed all-reduce overlapping the backward); False:
+    # the gradients are all-reduced by hand after the backward (the same weights, measured)
+    ddp: bool = True
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,5 +1,6 @@
 """Multi-process set-up under ``torchrun`` (``WORLD_SIZE > 1``): the process group, the launcher
-watchdog, the initial weights, the gradient all-reduce and the epoch sums."""
+watchdog, the initial weights, DistributedDataParallel (or the manual gradient all-reduce) and the
+epoch sums."""
 from __future__ import annotations
 
 import os
@@ -67,6 +68,37 @@ def broadcast_initial_state(model: nn.Module) -> None:
     d = dist()
     for t in list(model.parameters()) + list(model.buffers()):
         d.broadcast(t.data, src=0)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in ``DistributedDataParallel``: its reducer all-reduces (and averages) the gradients
+    in buckets during the final backward, overlapping it. The heatmap backward
+    (``autograd.grad(create_graph=True)`` inside the ISNet forward) differentiates with respect to
+    activations, so no AccumulateGrad node runs there and the reducer's hooks fire once per step,
+    in ``loss.backward()``. No buffer broadcast before each forward (``broadcast_buffers=False`` /
+    ``forward_sync_buffers=False``): each rank keeps its own BatchNorm running statistics, as with
+    the manual all-reduce (only rank 0's are saved and evaluated)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    # newer PyTorch names it forward_sync_buffers (broadcast_buffers is deprecated there); both still
+    # broadcast rank 0's buffers once at construction, as broadcast_initial_state already did
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None, **no_sync)
+
+
+def unwrapped_names(out):
+    """An ISNet output of the DDP-wrapped model with its LDS heatmaps renamed from the wrapper's
+    ``module.<layer>`` to the model's own ``<layer>``."""
+    maps = out.heatmaps
+    if not isinstance(maps, dict):
+        return out
+    import dataclasses
+    return dataclasses.replace(out, heatmaps={(k[len("module."):] if k.startswith("module.") else k): v
+                                              for k, v in maps.items()})
 
 
 def allreduce_gradients(model: nn.Module, world: int) -> None:
