@@ -156,7 +156,7 @@ def bn_heatmap_backward(device, backend: Optional[str] = None) -> BNHeatmapBackw
     for output-gradient g, with x's batch statistics, differentiable to any order (its derivative
     is `bn_train_bwd_bwd`).  ``weight=None`` stands for a BatchNorm without affine parameters.
     g may carry leading slot dims over x's shape.  The call does not repeat the Python argument
-    checks: the kernels check their arguments themselves.  A traced forward calls this once per
+    checks: the C++ and Triton kernels check their arguments.  A traced forward calls this once per
     BatchNorm, so that its heatmap backward runs on the backend in force when the forward ran
     (as `lrp_relu` does)."""
     return BNHeatmapBackward(bn_family(torch.device(device), backend))
