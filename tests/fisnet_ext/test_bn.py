@@ -1,7 +1,8 @@
 """The BatchNorm op family (fisnet_ext.bn_ops): ``bn_train_bwd(g, x, w, eps)``, the input-gradient
 of training-mode BatchNorm, and its derivative ``bn_train_bwd_bwd``.  Every backend against the
-reference and against PyTorch's own BatchNorm autograd, on fresh random data; fp64 gradcheck and
-gradgradcheck; opcheck; vmap; argument errors: the ladder of tests/README.md, in class TestBatchNorm.
+reference and against PyTorch's own BatchNorm autograd, on fresh random data (outputs poisoned);
+fp64 gradcheck and gradgradcheck; opcheck; vmap; argument errors: the ladder of tests/README.md,
+in class TestBatchNorm.
 
 The Triton launchers (fisnet_ext.triton.bn) are also tested on their own (``test_launcher_*``): on a
 machine without CUDA on CPU tensors under TRITON_INTERPRET=1 with tiny shapes, with CUDA on the GPU,
@@ -20,7 +21,7 @@ from fisnet_ext import bn_ops, ops, reference
 from fisnet_ext.bn_ops import NATIVE, REFERENCE, TRITON
 
 from tests.fisnet_ext.conftest import (ERRS, HAVE_CUDA, INTERPRETED, check_written, family_cases,
-                                       family_getter, skip_no_interp as _skip_no_interp)
+                                       family_getter, poisoned, skip_no_interp as _skip_no_interp)
 
 skip_no_interp = _skip_no_interp(TRITON)
 
@@ -137,7 +138,7 @@ class TestBatchNorm:
         for shape, slots in shapes:
             h, g, x, w = _data(shape, slots, dtype, device, offset)
             eps = 1e-3
-            got = fam.bwd(g, x, w, eps)
+            got = poisoned(fam.bwd, g, x, w, eps, n_outputs=1, like=g)
             ref = reference.bn_train_bwd(g.double(), x.double(), w.double(), eps)
             truth = _truth(g.double(), x.double(), w.double(), eps)
             torch.testing.assert_close(ref, truth)  # the reference formula is PyTorch's gradient
@@ -149,7 +150,7 @@ class TestBatchNorm:
             wm, gm, hm = (t.double().abs().max().item() for t in (w, g, h))
             n = x.numel() // x.shape[1]
             torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol * wm * r * gm)
-            outs = fam.bwd_bwd(h, g, x, w, eps)
+            outs = poisoned(fam.bwd_bwd, h, g, x, w, eps, n_outputs=3, like=g)
             refs = reference.bn_train_bwd_bwd(h.double(), g.double(), x.double(), w.double(), eps)
             scales = (wm * r * hm, wm * r * r * hm * gm, r * hm * gm * n * max(1, g.numel() // x.numel()))
             for o, ref_o, sc in zip(outs, refs, scales):
