@@ -303,7 +303,7 @@ def _parse_P(text: str):
 # `fisnet train` options that a resumed run may change (how it runs, not what it computes); every
 # other option given with --resume must equal the run's saved one ("epochs" may only grow).
 RESUME_FREE_OPTIONS = {"out", "resume", "device", "threads", "workers", "no_progress", "debug", "epochs",
-                       "log_every"}
+                       "log_every", "no_ddp"}
 PATH_OPTIONS = ("folder", "masks", "test_folder", "test_masks", "cuts", "mnist", "out")
 
 
@@ -379,7 +379,7 @@ def cmd_train(args) -> int:
                       model_spec=spec)
     cfg.lr_schedule = args.lr_schedule
     cfg.method, cfg.rrr_lambda = args.method, args.rrr_lambda  # rrr: fisnet.baselines
-    cfg.rules, cfg.log_every = rules, args.log_every
+    cfg.rules, cfg.log_every, cfg.ddp = rules, args.log_every, not args.no_ddp
     cfg.classes = list(getattr(tr, "classes", None) or [str(i) for i in range(K)])
     cfg.cli = _cli_record(args)
     cuts = load_cuts(args.cuts) if args.cuts else None
@@ -669,6 +669,8 @@ def _add_run_args(t) -> None:
     r.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms + seeding")
     r.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     r.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    r.add_argument("--no-ddp", action="store_true", help="under torchrun: all-reduce the gradients by hand after "
+                                                         "the backward instead of DistributedDataParallel")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     r.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
