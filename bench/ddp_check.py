@@ -5,11 +5,15 @@ the final weights:
 
 * ``single``: one process, the whole global batch;
 * ``manual``: N gloo processes, each with 1/N of every batch, gradients all-reduced by hand after
-  the backward and divided by N (what ``fisnet.train.Trainer`` does today);
+  the backward and divided by N (``fisnet.train.Trainer`` with ``ddp=False``);
 * ``ddp``: N gloo processes, the model wrapped in ``torch.nn.parallel.DistributedDataParallel``
   (its reducer's hooks all-reduce the gradients during the final backward) and ``ISNet`` built
   around the DDP module, so the forward and the heatmap backward (``autograd.grad`` with
-  ``create_graph=True``, with respect to activations) run through it.
+  ``create_graph=True``, with respect to activations) run through it (what ``fisnet.train.Trainer``
+  does under torchrun by default).
+
+``--trainer`` runs the same three ways through ``fisnet.train.Trainer`` itself (``ddp=True`` /
+``ddp=False`` under N processes, one process), one epoch of ``--steps`` global batches.
 
 Without BatchNorm the three must agree up to float summation order (checked in float64, the
 default: in float32 the rounding differences grow step by step through these steps).  With BatchNorm each process
@@ -19,6 +23,7 @@ shared CPU).
 
     python bench/ddp_check.py                      # 2 processes, selective, no BatchNorm and BatchNorm
     python bench/ddp_check.py --variant dual --steps 5
+    python bench/ddp_check.py --trainer            # through fisnet.train.Trainer
 """
 from __future__ import annotations
 
@@ -95,6 +100,37 @@ def _train(args, bn, mode, rank=0, world=1):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, times
 
 
+def _trainer(args, bn, ddp):
+    """A fisnet.train.Trainer over args.steps global batches of the same data as _train."""
+    from fisnet.data import MaskedImageDataset
+    from fisnet.train import Trainer, TrainConfig
+    dtype = getattr(torch, args.dtype)
+    xs, ms, ys = _data(args)
+    ds = MaskedImageDataset(xs.flatten(0, 1).to(dtype), ms.flatten(0, 1).to(dtype), ys.flatten())
+    M = 2 if args.variant == "dual" else 1
+    cfg = TrainConfig(epochs=1, variant=args.variant, batch_size=args.batch, lr=args.lr, momentum=0.9, clip=None,
+                      P=0.7, device="cpu", progress=False, verbose=False, ddp=ddp)
+    return Trainer(_model(args, bn).to(dtype), ds, None, None, cfg, cuts={"input": [[0.05, 2.0]] * M})
+
+
+def _trainer_worker(rank, world, port, args, bn, path):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        res = {}
+        for mode in ("ddp", "manual"):
+            t = _trainer(args, bn, mode == "ddp")
+            t0 = time.perf_counter()
+            t.fit()
+            res[mode] = {"state": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
+                         "times": [1e3 * (time.perf_counter() - t0) / args.steps]}
+        if rank == 0:
+            torch.save(res, path)
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(rank, world, port, args, bn, mode, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -142,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                     help="float64 (default) separates exactness from float32 rounding, which these steps amplify")
     ap.add_argument("--bn", choices=("no", "yes", "both"), default="both")
+    ap.add_argument("--trainer", action="store_true", help="through fisnet.train.Trainer (ddp=True / ddp=False)")
     args = ap.parse_args(argv)
     if args.batch % args.world:
         ap.error(f"--batch {args.batch} must be divisible by --world {args.world}")
@@ -150,19 +187,31 @@ def main(argv=None):
               "between 1 and N processes; the weights are not expected to match")
     ok = True
     for bn in {"no": [False], "yes": [True], "both": [False, True]}[args.bn]:
-        single, t1 = _train(args, bn, "single")
-        res = {}
-        for mode in ("manual", "ddp"):
+        if args.trainer:
+            torch.set_num_threads(1)
+            t = _trainer(args, bn, True)
+            t0 = time.perf_counter()
+            t.fit()
+            single, t1 = t.model.state_dict(), [1e3 * (time.perf_counter() - t0) / args.steps]
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "state.pt")
-                mp.spawn(_worker, args=(args.world, _free_port(), args, bn, mode, path), nprocs=args.world,
+                mp.spawn(_trainer_worker, args=(args.world, _free_port(), args, bn, path), nprocs=args.world,
                          join=True)
-                res[mode] = torch.load(path, weights_only=True)
+                res = torch.load(path, weights_only=True)
+        else:
+            single, t1 = _train(args, bn, "single")
+            res = {}
+            for mode in ("manual", "ddp"):
+                with tempfile.TemporaryDirectory() as d:
+                    path = os.path.join(d, "state.pt")
+                    mp.spawn(_worker, args=(args.world, _free_port(), args, bn, mode, path), nprocs=args.world,
+                             join=True)
+                    res[mode] = torch.load(path, weights_only=True)
         d_ms, scale = _compare(single, res["manual"]["state"])
         d_ds, _ = _compare(single, res["ddp"]["state"])
         d_dm, _ = _compare(res["manual"]["state"], res["ddp"]["state"])
         moved, _ = _compare(single, {k: v for k, v in _model(args, bn).state_dict().items()})
-        print(f"BatchNorm {'yes' if bn else 'no'}: {args.world} processes, {args.variant}, {args.steps} steps, "
+        print(f"{'Trainer, ' if args.trainer else ''}BatchNorm {'yes' if bn else 'no'}: {args.world} processes, {args.variant}, {args.steps} steps, "
               f"global batch {args.batch}, {args.dtype}; max |w| {scale:.3g}, weights moved up to {moved:.3g}")
         print(f"  max |single - manual| = {d_ms:.3g}")
         print(f"  max |single - ddp|    = {d_ds:.3g}")
