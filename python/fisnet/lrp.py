@@ -85,6 +85,9 @@ ATTENTION_FUNCS = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attentio
 MUL_FUNCS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply, _T.multiply}
 # residual sums the z⁺ rule treats as one layer with their branches (out-of-place forms, and
 # `out += identity`, whose result Python binds to `out`)
+# linear with non-negative coefficients: in a Dual trace, an input of either sign gets the z⁺ rule
+NONNEG_LINEAR_FUNCS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                       F.adaptive_avg_pool3d, torch.mean, _T.mean}
 RESIDUAL_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.add_}
 
 UNSUPPORTED_MODULES = tuple(
@@ -296,6 +299,8 @@ class _Interceptor(TorchFunctionMode):
             out = traced_conv(func, args, kwargs, (self.switch, self.zswitch))
         elif func is F.batch_norm and TRACED_BATCH_NORM:
             out = traced_batch_norm(args, kwargs, (self.switch, self.zswitch), self.backend)
+        elif self.zswitch is not None and func in NONNEG_LINEAR_FUNCS and args and self._signed_input(args[0]):
+            out = self._zplus_nonneg_linear(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
         if self.zswitch is not None:
@@ -405,6 +410,8 @@ class _Interceptor(TorchFunctionMode):
         if not self._tainted(x) or self.rules["norm"] == "gradient":
             out = func(*args, **kwargs)
             if self._tainted(x):
+                if self.zswitch is not None and out.shape == x.shape:
+                    out = _ZPlusElementwise.apply(x, out, self.zswitch, self.eps)
                 self._mark(out)
             return out
         hold = self._hold
@@ -438,8 +445,23 @@ class _Interceptor(TorchFunctionMode):
             dims = tuple(range(2, x.dim()))
             y = _normalise(x, dims, float(v.get("eps", 1e-5)), True, hold)
             y = _affine(y, v.get("weight"), v.get("bias"), x.dim())
+        if self.zswitch is not None:  # the z⁺ pass: relevance passes the norm element by element
+            y = _ZPlusElementwise.apply(x, y, self.zswitch, self.eps)
         self._mark(y)
         return y
+
+    def _signed_input(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and self._tainted(t) and t.is_floating_point() and bool((t < 0).any())
+
+    def _zplus_nonneg_linear(self, func, args, kwargs):
+        """Average pooling / mean of an input of either sign, in a Dual trace: y = f(a) with f linear
+        and non-negative coefficients.  The z⁺ pass counts only the positive contributions:
+        z⁺ = f(a⁺), R_a = a⁺ ⊙ f*(R_y / (z⁺ + ε)), i.e. G_a = 1[a > 0] ⊙ f*(G_y ⊙ y / (z⁺ + ε)), so
+        relevance keeps its sign (docs/method.md).  The ordinary and the LRP-ε backwards are f's own."""
+        a = args[0]
+        zp = func(a.clamp(min=0), *args[1:], **kwargs)
+        y = func(_ZPlusPositive.apply(a, self.zswitch), *args[1:], **kwargs)
+        return _ZPlusRatio.apply(y, zp, self.zswitch, self.eps)
 
     def _hold(self, t):
         return _HeatmapBlock.apply(t, self.switches)
@@ -469,6 +491,12 @@ class _Interceptor(TorchFunctionMode):
         if dropout_p > 0.0 and training:
             a = F.dropout(a, dropout_p)
         a_used = self._hold(a) if rule == "cp" else a
+        if rule == "cp" and self.zswitch is not None and self._signed_input(v):
+            # the z⁺ pass: o = A v is linear in v with A ≥ 0 held, so only v⁺ contributes (as at
+            # average pooling): G_v = 1[v > 0] ⊙ Aᵀ(G_o ⊙ o / (A v⁺ + ε))
+            zp = torch.matmul(a_used, v.clamp(min=0))
+            o = torch.matmul(a_used, _ZPlusPositive.apply(v, self.zswitch))
+            return _ZPlusRatio.apply(o, zp, self.zswitch, self.eps), a
         return torch.matmul(a_used, v), a
 
     def _attention(self, func, args, kwargs):
@@ -521,7 +549,8 @@ class _Interceptor(TorchFunctionMode):
             wq, wk, wv = v["in_proj_weight"].chunk(3)
         b = v.get("in_proj_bias")
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-        qp, kp, vp = F.linear(q, wq, bq), F.linear(k, wk, bk), F.linear(val, wv, bv)
+        lin = self._linear
+        qp, kp, vp = lin(q, wq, bq), lin(k, wk, bk), lin(val, wv, bv)
 
         def heads(t, n):  # (n, N, E) -> (N, H, n, E/H)
             return t.reshape(n, N, H, E // H).permute(1, 2, 0, 3)
@@ -545,7 +574,7 @@ class _Interceptor(TorchFunctionMode):
         out, a = self._sdpa(heads(qp, L), heads(kp, S), heads(vp, S), mask, float(v.get("dropout_p", 0.0)),
                             bool(v.get("is_causal", False)) and mask is None, None, bool(v.get("training", True)))
         out = out.permute(2, 0, 1, 3).reshape(L, N, E)
-        out = F.linear(out, v["out_proj_weight"], v.get("out_proj_bias"))
+        out = lin(out, v["out_proj_weight"], v.get("out_proj_bias"))
         weights = None
         if v.get("need_weights", True):
             weights = a.mean(1) if v.get("average_attn_weights", True) else a
@@ -555,6 +584,12 @@ class _Interceptor(TorchFunctionMode):
             out = out.squeeze(1)
         self._mark(out)
         return out, weights
+
+    def _linear(self, a, w, b):
+        """F.linear inside a rule's own computation (nn.MultiheadAttention's projections), with the
+        z⁺ tap a traced F.linear gets in a Dual trace."""
+        out = F.linear(a, w, b)
+        return self._tap(F.linear, (a, w, b), {}, out) if self.zswitch is not None else out
 
     def _gate(self, func, args, kwargs):
         """sigmoid / hardsigmoid: computed as usual; an input-dependent result is a gate, allowed
@@ -576,7 +611,7 @@ class _Interceptor(TorchFunctionMode):
         gates = [i for i, a in enumerate(args[:2]) if self._is_gate(a)]
         others = [i for i, a in enumerate(args[:2]) if i not in gates and self._tainted(a)]
         if len(gates) == 1 and len(others) == 1:
-            args[gates[0]] = self._hold(args[gates[0]])
+            args[gates[0]] = _HeatmapZero.apply(args[gates[0]], self.switches)
             self.n_act += 1
         return tuple(args)
 
@@ -680,13 +715,33 @@ class _Interceptor(TorchFunctionMode):
         u, v = args
         ru, rv = self._branch(u), self._branch(v)
         inplace = func in (_T.add_, _T.__iadd__)
-        if (ru is None and rv is None) or (inplace and ru is None):
-            return None
+        if not inplace and self._tainted(u) != self._tainted(v) and u.dtype == v.dtype:
+            return self._zplus_bias_add(u, v)
         if u.shape != v.shape or u.dtype != v.dtype:
+            return None
+        if ru is None and rv is None:  # two input-dependent summands, neither a conv/BatchNorm output
+            if inplace or not (self._tainted(u) and self._tainted(v)):
+                return None
+        elif inplace and ru is None:
             return None
         a_u = ru.input if ru is not None else u
         a_v = rv.input if rv is not None else v
         return ZPlusSum.apply(u, v, a_u, a_v, (ru, rv), self.zswitch, self.eps, inplace)
+
+    def _zplus_bias_add(self, u, v):
+        """t + b, t input-dependent and b not (a bias such as a position embedding, maybe broadcast):
+        the z⁺ pass counts the positive contributions, z⁺ = t⁺ + b⁺, R_t = t⁺ ⊙ R/(z⁺ + ε); the
+        ordinary and LRP-ε backwards are the sum's own.  None when b does not broadcast to t."""
+        t, b = (u, v) if self._tainted(u) else (v, u)
+        try:
+            if torch.broadcast_shapes(t.shape, b.shape) != t.shape:
+                return None
+        except RuntimeError:
+            return None
+        zp = t.clamp(min=0) + b.clamp(min=0)
+        tp = _ZPlusPositive.apply(t, self.zswitch)
+        y = tp + b if t is u else b + tp
+        return _ZPlusRatio.apply(y, zp, self.zswitch, self.eps)
 
     @staticmethod
     def _branch(t):
@@ -955,6 +1010,98 @@ class _HeatmapScale(torch.autograd.Function):
         if any(s.active for s in ctx.switches):
             return g * ctx.c, None, None
         return g, None, None
+
+
+class _ZPlusPositive(torch.autograd.Function):
+    """Identity; in the z⁺ pass the gradient is kept where the input is positive (slot 1 of the
+    Dual two-slot pass), elsewhere passed unchanged."""
+
+    @staticmethod
+    def forward(ctx, a, zswitch):
+        ctx.zswitch = zswitch
+        ctx.save_for_backward(a)
+        ctx.set_materialize_grads(False)
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        sw = ctx.zswitch
+        if g is None or not sw.active:
+            return g, None
+        (a,) = ctx.saved_tensors
+        pos = (a > 0).to(g.dtype)
+        if sw.dual:
+            return fisnet_ext.slot_mask(g, 0) + fisnet_ext.slot_mask(g * pos, 1), None
+        return g * pos, None
+
+
+class _ZPlusRatio(torch.autograd.Function):
+    """Identity on y; in the z⁺ pass G ↦ G ⊙ y / (z⁺ + ε) (slot 1 of the Dual two-slot pass), z⁺ a
+    constant of the rule (it stays a function of the weights in the double backward)."""
+
+    @staticmethod
+    def forward(ctx, y, zp, zswitch, eps):
+        ctx.zswitch, ctx.eps = zswitch, eps
+        ctx.save_for_backward(y, zp)
+        ctx.set_materialize_grads(False)
+        return y.clone()  # not a view: the model may change it in place (an in-place dropout)
+
+    @staticmethod
+    def backward(ctx, g):
+        sw = ctx.zswitch
+        if g is None or not sw.active:
+            return g, None, None, None
+        y, zp = ctx.saved_tensors
+        g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
+        r = fisnet_ext.zplus_ratio(g_zp, y, zp, ctx.eps)
+        return (fisnet_ext.slot_mask(g, 0) + r if sw.dual else r), None, None, None
+
+
+class _ZPlusElementwise(torch.autograd.Function):
+    """y = f(x) element-wise in shape (a norm): `y` unchanged in the forward.  In the z⁺ pass
+    relevance passes element by element, R_x = R_y · x/(x + ε·sign x), i.e.
+    G_x = G_y ⊙ y / (x + ε·sign x) (sign 0 := +1) and nothing through f's own backward: the
+    centring of a norm has no sign-preserving form, and this keeps the z⁺ map ≥ 0 and conserved
+    as ε → 0.  Outside the z⁺ pass (the ordinary and the LRP-ε backward) the gradient goes to y.
+    In the Dual ISNet's two-slot pass slot 0 is the LRP-ε pass, slot 1 the z⁺ pass."""
+
+    @staticmethod
+    def forward(ctx, x, y, zswitch, eps):
+        ctx.zswitch, ctx.eps = zswitch, eps
+        ctx.save_for_backward(x, y)
+        ctx.set_materialize_grads(False)
+        return y.clone()  # not a view: the model may change it in place
+
+    @staticmethod
+    def backward(ctx, g):
+        sw = ctx.zswitch
+        if g is None or not sw.active:
+            return None, g, None, None
+        x, y = ctx.saved_tensors
+        den = x + ctx.eps * torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
+        g_x = g_zp * (y / den)
+        return g_x, (fisnet_ext.slot_mask(g, 0) if sw.dual else None), None, None
+
+
+class _HeatmapZero(torch.autograd.Function):
+    """Identity; its backward passes the ordinary gradient and a zero gradient in heatmap backwards.
+
+    For gates (the "constant_gate" rule): the zero keeps the gate branch's backward running on a
+    gradient of the heatmap's own (slot-batched) shape, where `None` would let PyTorch hand the ops
+    of the branch (the squeeze-excitation's SiLU/ReLU) a materialised zero without the rule-slot
+    dimension of the Dual ISNet's two-slot pass. The branch is tiny (a pooled vector)."""
+
+    @staticmethod
+    def forward(ctx, t, switches):
+        ctx.switches = switches
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        if any(s.active for s in ctx.switches):
+            return torch.zeros_like(g), None
+        return g, None
 
 
 class _HeatmapBlock(torch.autograd.Function):
