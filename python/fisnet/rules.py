@@ -135,17 +135,32 @@ def bound_images(bounds, x: torch.Tensor):
     return low, high, float(low.min()), float(high.max())
 
 
-def zb_relevance(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: torch.Tensor,
-                 high: torch.Tensor, low_b: float, high_b: float, eps: float) -> torch.Tensor:
-    """docs/spec.md §2.1 Zb rule.  `a` (B, ...) the layer input, `r_out` (B, M, ...) the relevance at
-    the layer (ReLU) output, `low`/`high` broadcastable to `a`.  Returns (B, M, *a.shape[1:]).
+def fold_batchnorm_for_zb(layer: LinearLayer, bn: dict, conv_out: torch.Tensor):
+    """`fold_batchnorm_as_used(layer, bn, conv_out)` and the BatchNorm's output recomputed from
+    `conv_out` with the same statistics, `conv_out·(γ/σ) + (β − μ·γ/σ)`: the `z_full` of
+    `zb_relevance` for a layer whose BatchNorm output was overwritten by an in-place ReLU (one
+    element-wise pass instead of the layer's convolution; differentiable through μ and σ as the
+    fold is).  Returns (folded layer, z_full)."""
+    if bn.get("training", False) or bn.get("running_mean") is None:
+        dims = [0] + list(range(2, conv_out.dim()))
+        mean = conv_out.mean(dim=dims, keepdim=True)
+        var = (conv_out - mean).square().mean(dim=dims)
+        mean = mean.reshape(-1)
+    else:
+        mean, var = bn["running_mean"], bn["running_var"]
+    gamma, beta, bn_eps = bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5))
+    folded = fold_batchnorm(layer, mean, var, gamma, beta, bn_eps)
+    sigma = torch.sqrt(var + bn_eps)
+    scale = sigma.reciprocal() if gamma is None else gamma / sigma
+    shift = -mean * scale if beta is None else beta - mean * scale
+    shape = (-1,) + (1,) * (conv_out.dim() - 2)
+    return folded, torch.addcmul(shift.reshape(shape), conv_out, scale.reshape(shape))
 
-        z   = W a + b − (W⁺ l + b⁺ l_b) − (W⁻ h + b⁻ h_b);   z += ε·sign(z)  (sign(0) = +1)
-        s   = R_out / z
-        R_a = a ⊙ (Wᵀ s) − l ⊙ (W⁺ᵀ s) − h ⊙ (W⁻ᵀ s)
 
-    The bias acts as an input fixed at 1 bounded by (l_b, h_b): the scalar bounds, or
-    (min l, max h) for per-channel bounds."""
+def _zb_relevance_reference(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: torch.Tensor,
+                            high: torch.Tensor, low_b: float, high_b: float, eps: float) -> torch.Tensor:
+    """The Zb rule as first written (three transposed convolutions, PyTorch's division backward):
+    the oracle of `zb_relevance` (tests/fisnet/test_rules_zb.py, bench/zb_bench.py)."""
     w = layer.weight
     wp, wn = w.clamp(min=0), w.clamp(max=0)
     b = layer.bias
@@ -162,6 +177,126 @@ def zb_relevance(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: 
     cp = layer.transpose(s, wp, shape).reshape((B, M) + tuple(a.shape[1:]))
     cn = layer.transpose(s, wn, shape).reshape((B, M) + tuple(a.shape[1:]))
     return a.unsqueeze(1) * ct - low.unsqueeze(1) * cp - high.unsqueeze(1) * cn
+
+
+def _zb_stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """z + ε·sign(z) with sign(0) := +1 (the same floats as `z + ε·(±1)`)."""
+    e = torch.tensor(eps, dtype=z.dtype, device=z.device)
+    return torch.where(z >= 0, e, -e).add_(z)
+
+
+class ZbRatio(torch.autograd.Function):
+    """(s, z_s) with z_s = z + ε·sign z (sign 0 := +1) and s = R_out / z_s, for `R_out` (B, M, ...)
+    and `z` (B, ...).
+
+    Its backward, g_R = g / z_s and g_z = g_{z_s} − Σ_M g_R ⊙ s, is written in differentiable torch
+    ops on the saved outputs s and z_s, so a second backward (gradgradcheck, the training step's
+    double backward) differentiates it; z_s is an output (not an intermediate) for that reason.
+    PyTorch's division backward instead computes −g·R/(z·z) and sums it over the slot axis (more
+    full-size passes and temporaries), and autograd would record the stabiliser's `where`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(r_out, z, eps):
+        zs = _zb_stabilise(z, eps)
+        return r_out / zs.unsqueeze(1), zs
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        s, zs = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable()
+        ctx.save_for_backward(s, zs)
+
+    @staticmethod
+    def backward(ctx, g, g_zs):
+        s, zs = ctx.saved_tensors
+        if g is None:
+            return None, g_zs, None
+        gr = g / zs.unsqueeze(1)
+        gz = None
+        if ctx.needs_input_grad[1]:
+            gs = gr * s
+            gz = (gs.squeeze(1) if gs.shape[1] == 1 else gs.sum(1)).neg_()  # in place: one full tensor less
+            if g_zs is not None:
+                gz = gz + g_zs
+        return (gr if ctx.needs_input_grad[0] else None), gz, None
+
+
+def _is_zero(t: torch.Tensor) -> bool:
+    return not bool(t.any())
+
+
+def _bias_image(layer: LinearLayer, bias: torch.Tensor) -> torch.Tensor:
+    """A bias (O,) shaped to broadcast against the layer output (B, O, ...) / (B, ..., O)."""
+    if layer.kind == "linear":
+        return bias
+    return bias.reshape((-1,) + (1,) * (layer.weight.dim() - 2))
+
+
+def zb_relevance(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: torch.Tensor,
+                 high: torch.Tensor, low_b: float, high_b: float, eps: float,
+                 z_full: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """docs/spec.md §2.1 Zb rule.  `a` (B, ...) the layer input, `r_out` (B, M, ...) the relevance at
+    the layer (ReLU) output, `low`/`high` broadcastable to `a`.  Returns (B, M, *a.shape[1:]).
+
+        z   = W a + b − (W⁺ l + b⁺ l_b) − (W⁻ h + b⁻ h_b);   z += ε·sign(z)  (sign(0) = +1)
+        s   = R_out / z
+        R_a = a ⊙ (Wᵀ s) − l ⊙ (W⁺ᵀ s) − h ⊙ (W⁻ᵀ s)
+
+    The bias acts as an input fixed at 1 bounded by (l_b, h_b): the scalar bounds, or
+    (min l, max h) for per-channel bounds.
+
+    `z_full`, if given, is the layer's output W a + b as the forward computed it (the first ReLU's
+    input, after the BatchNorm folded into `layer`): it replaces the full-batch convolution of `a`.
+    The constant terms W⁺ l, W⁻ h are convolutions of one image (batch 1); a term whose bound image
+    is 0 everywhere (l = 0, the default bounds (0, 1)) is left out.  The three transposes are one
+    transposed convolution with the weights [W, −W⁺, −W⁻] stacked per group along its output
+    channels, and R_a = Σ_t X_t ⊙ T_t with X = [a, l, h]; s comes from `ZbRatio`.  Equal to
+    `_zb_relevance_reference` to rounding (tests/fisnet/test_rules_zb.py)."""
+    w = layer.weight
+    b = layer.bias
+    feat = tuple(a.shape[1:])
+    lo_img = low.expand((1,) + feat)
+    hi_img = high.expand((1,) + feat)
+    # (bound image, weight part, bias part): the l term with W⁺, b⁺ l_b; the h term with W⁻, b⁻ h_b
+    terms = []
+    for img, part, bound in ((lo_img, "pos", low_b), (hi_img, "neg", high_b)):
+        wpart = w.clamp(min=0) if part == "pos" else w.clamp(max=0)
+        bpart = None
+        if b is not None and bound != 0:
+            bpart = (b.clamp(min=0) if part == "pos" else b.clamp(max=0)) * bound
+        terms.append((img, wpart, bpart, _is_zero(img)))
+    z = layer.forward(a, w, b) if z_full is None else z_full
+    for img, wpart, bpart, zero in terms:  # in the reference's order: z − (l term) − (h term)
+        if not zero:
+            z = z + (-layer.forward(img, wpart, bpart))  # = z − c; its backward sums before negating
+        elif bpart is not None:
+            z = z + (-_bias_image(layer, bpart))
+    s = ZbRatio.apply(r_out, z, float(eps))[0]
+    B, M = r_out.shape[:2]
+    s = s.reshape((B * M,) + tuple(r_out.shape[2:]))
+    kept = [(img, wpart) for img, wpart, _, zero in terms if not zero]
+    nt = 1 + len(kept)
+    if layer.kind == "linear":
+        wst = torch.cat([w] + [-wp for _, wp in kept], dim=1)  # (O, nt·C)
+        t = layer.transpose(s, wst, (B * M,) + feat)  # (B·M, ..., nt·C)
+        t = t.reshape((B, M) + feat[:-1] + (nt, feat[-1]))
+        x = torch.stack([a] + [img.expand_as(a) for img, _ in kept], dim=-2).unsqueeze(1)
+        return (x * t).sum(-2) if nt > 1 else (x * t).squeeze(-2)
+    g = layer.groups
+    O, cg = w.shape[0], w.shape[1]
+    k = tuple(w.shape[2:])
+    parts = [w] + [-wp for _, wp in kept]
+    wst = torch.stack([p.reshape((g, O // g, cg) + k) for p in parts], dim=2).reshape((O, nt * cg) + k)
+    t = layer.transpose(s, wst, (B * M,) + feat)  # (B·M, g·nt·cg, ...): per group [Wᵀs, −W⁺ᵀs, −W⁻ᵀs]
+    sp = tuple(t.shape[2:])
+    t = t.reshape((B, M, g, nt, cg) + sp)
+    x = torch.stack([v.unflatten(1, (g, cg)).expand((a.shape[0], g, cg) + sp)
+                     for v in [a] + [img for img, _ in kept]], dim=2).unsqueeze(1)  # (B, 1, g, nt, cg, ...)
+    r = (x * t).sum(3) if nt > 1 else (x * t).squeeze(3)
+    return r.reshape((B, M) + feat)
 
 
 # ---------------------------------------------------------------------------------------------
