@@ -30,7 +30,7 @@ import fisnet_ext
 from . import optable
 from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, resolve_rules, zb_relevance
 from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
-from .zplus import LayerRecord, ZPlusSum, ZPlusTap
+from .zplus import LayerRecord, ZPlusMode, ZPlusSum, ZPlusTap, signed_ratios
 
 # On CPU a batched backward over many seeds runs in chunks of seeds whose largest activation
 # (chunk x batch x bytes per image) stays under this many bytes.  K = 100, batch 32, small_cnn:
@@ -218,6 +218,7 @@ class _Interceptor(TorchFunctionMode):
         self._gates: Dict[int, weakref.ref] = {}  # sigmoid/hardsigmoid outputs: gates for the "gate" rule
         self.n_act = 0
         self.zswitch = zswitch  # set for the Dual ISNet: conv/linear outputs get z⁺ taps
+        self.zmode = ZPlusMode()  # sign-matched z⁺ layers once an op with signed relevant outputs is met
         self.records: List[LayerRecord] = []
         self.eps = eps
         self.switch = switch
@@ -389,6 +390,8 @@ class _Interceptor(TorchFunctionMode):
             y = func(*args, **kwargs)
         else:
             y = fisnet_ext.lrp_act(x, kind, self.eps, self.switch, self.backend, param=param)
+        if kind != "relu6" and self._tainted(x):
+            self.zmode.matched = True  # outputs of either sign
         self.n_act += 1
         rec = self._zb_by_out.get(id(x))
         if rec is not None and rec.neuron is x:  # a Zb layer's activation: R_out is taken at its output
@@ -407,6 +410,8 @@ class _Interceptor(TorchFunctionMode):
         a function of the weights."""
         which = NORM_FUNCS[func]
         x = args[0] if args else kwargs["input"]
+        if self._tainted(x):
+            self.zmode.matched = True
         if not self._tainted(x) or self.rules["norm"] == "gradient":
             out = func(*args, **kwargs)
             if self._tainted(x):
@@ -458,10 +463,21 @@ class _Interceptor(TorchFunctionMode):
         and non-negative coefficients.  The z⁺ pass counts only the positive contributions:
         z⁺ = f(a⁺), R_a = a⁺ ⊙ f*(R_y / (z⁺ + ε)), i.e. G_a = 1[a > 0] ⊙ f*(G_y ⊙ y / (z⁺ + ε)), so
         relevance keeps its sign (docs/method.md).  The ordinary and the LRP-ε backwards are f's own."""
-        a = args[0]
-        zp = func(a.clamp(min=0), *args[1:], **kwargs)
-        y = func(_ZPlusPositive.apply(a, self.zswitch), *args[1:], **kwargs)
-        return _ZPlusRatio.apply(y, zp, self.zswitch, self.eps)
+        a, rest = args[0], args[1:]
+        return self._zplus_split(lambda t: func(t, *rest, **kwargs), a)
+
+    def _zplus_split(self, f, a, zp_of=None, zn_of=None):
+        """f(a) for f linear with non-negative coefficients (or, with `zn_of`, affine: t ↦ t + b) in a
+        Dual trace: the z⁺ pass is sign-matched, an output y ≥ 0 takes its relevance from the inputs
+        a > 0 (z⁺ = f(a⁺)), an output y < 0 from the inputs a < 0 (z⁻ = f(a⁻)):
+        G_a = 1[a > 0] ⊙ f*(R_y/(z⁺+ε) on y ≥ 0) + 1[a < 0] ⊙ f*(R_y/(z⁻−ε) on y < 0).  f runs three
+        times (two graphs for the two adjoints, and z⁺); the ordinary and LRP-ε backwards are f's own."""
+        sw = self.zswitch
+        y1 = f(_ZPlusSelect.apply(a, sw, True))
+        y2 = f(_ZPlusSelect.apply(a, sw, False))
+        zp = f(a.clamp(min=0)) if zp_of is None else zp_of(a)
+        zn = y1 - zp if zn_of is None else zn_of(a)
+        return _ZPlusSplit.apply(y1, y2, zp, zn, sw, self.eps)
 
     def _hold(self, t):
         return _HeatmapBlock.apply(t, self.switches)
@@ -491,18 +507,17 @@ class _Interceptor(TorchFunctionMode):
         if dropout_p > 0.0 and training:
             a = F.dropout(a, dropout_p)
         a_used = self._hold(a) if rule == "cp" else a
-        if rule == "cp" and self.zswitch is not None and self._signed_input(v):
-            # the z⁺ pass: o = A v is linear in v with A ≥ 0 held, so only v⁺ contributes (as at
-            # average pooling): G_v = 1[v > 0] ⊙ Aᵀ(G_o ⊙ o / (A v⁺ + ε))
-            zp = torch.matmul(a_used, v.clamp(min=0))
-            o = torch.matmul(a_used, _ZPlusPositive.apply(v, self.zswitch))
-            return _ZPlusRatio.apply(o, zp, self.zswitch, self.eps), a
+        if rule == "cp" and self.zswitch is not None and bool((v < 0).any()):  # (v: maybe made in a rule)
+            # the z⁺ pass: o = A v is linear in v with A ≥ 0 held: sign-matched as at average pooling
+            return self._zplus_split(lambda t: torch.matmul(a_used, t), v), a
         return torch.matmul(a_used, v), a
 
     def _attention(self, func, args, kwargs):
         which = ATTENTION_FUNCS[func]
         tensors = [t for t in _tensors(args) if self._tainted(t)] + \
             [t for t in _tensors(list(kwargs.values())) if self._tainted(t)]
+        if tensors:
+            self.zmode.matched = True
         if not tensors or self.rules["attention"] == "gradient":
             out = func(*args, **kwargs)
             if tensors:
@@ -686,7 +701,7 @@ class _Interceptor(TorchFunctionMode):
     def _tap(self, func, args, kwargs, out):
         if func in CONV_FUNCS:
             vals = _call_args(_CONV_ARGS, args, kwargs)
-            rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], conv_out=out)
+            rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], conv_out=out, mode=self.zmode)
             rec.signed = bool((vals["input"] < 0).any())  # decides the z⁺ form (one pass over the input)
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
@@ -726,22 +741,23 @@ class _Interceptor(TorchFunctionMode):
             return None
         a_u = ru.input if ru is not None else u
         a_v = rv.input if rv is not None else v
-        return ZPlusSum.apply(u, v, a_u, a_v, (ru, rv), self.zswitch, self.eps, inplace)
+        return ZPlusSum.apply(u, v, a_u, a_v, (ru, rv), self.zswitch, self.eps, inplace, self.zmode)
 
     def _zplus_bias_add(self, u, v):
         """t + b, t input-dependent and b not (a bias such as a position embedding, maybe broadcast):
-        the z⁺ pass counts the positive contributions, z⁺ = t⁺ + b⁺, R_t = t⁺ ⊙ R/(z⁺ + ε); the
-        ordinary and LRP-ε backwards are the sum's own.  None when b does not broadcast to t."""
+        the z⁺ pass is sign-matched, z⁺ = t⁺ + b⁺ for outputs ≥ 0, z⁻ = t⁻ + b⁻ for outputs < 0 (the
+        bias absorbs its share); the ordinary and LRP-ε backwards are the sum's own.  None when b
+        does not broadcast to t."""
         t, b = (u, v) if self._tainted(u) else (v, u)
         try:
             if torch.broadcast_shapes(t.shape, b.shape) != t.shape:
                 return None
         except RuntimeError:
             return None
-        zp = t.clamp(min=0) + b.clamp(min=0)
-        tp = _ZPlusPositive.apply(t, self.zswitch)
-        y = tp + b if t is u else b + tp
-        return _ZPlusRatio.apply(y, zp, self.zswitch, self.eps)
+        bp, bn = b.clamp(min=0), b.clamp(max=0)
+        self.zmode.matched = True  # a bias of either sign: outputs of either sign
+        return self._zplus_split((lambda a: a + b) if t is u else (lambda a: b + a), t,
+                                 zp_of=lambda a: a.clamp(min=0) + bp, zn_of=lambda a: a.clamp(max=0) + bn)
 
     @staticmethod
     def _branch(t):
@@ -1012,13 +1028,14 @@ class _HeatmapScale(torch.autograd.Function):
         return g, None, None
 
 
-class _ZPlusPositive(torch.autograd.Function):
-    """Identity; in the z⁺ pass the gradient is kept where the input is positive (slot 1 of the
-    Dual two-slot pass), elsewhere passed unchanged."""
+class _ZPlusSelect(torch.autograd.Function):
+    """Identity.  In the z⁺ pass the gradient is kept where the input is positive (`positive`) or
+    negative (not `positive`); in the Dual two-slot pass slot 0 (the LRP-ε pass) passes unchanged
+    on the positive path.  Elsewhere the gradient passes unchanged."""
 
     @staticmethod
-    def forward(ctx, a, zswitch):
-        ctx.zswitch = zswitch
+    def forward(ctx, a, zswitch, positive):
+        ctx.zswitch, ctx.positive = zswitch, positive
         ctx.save_for_backward(a)
         ctx.set_materialize_grads(False)
         return a.view_as(a)
@@ -1027,34 +1044,37 @@ class _ZPlusPositive(torch.autograd.Function):
     def backward(ctx, g):
         sw = ctx.zswitch
         if g is None or not sw.active:
-            return g, None
+            return g, None, None
         (a,) = ctx.saved_tensors
-        pos = (a > 0).to(g.dtype)
-        if sw.dual:
-            return fisnet_ext.slot_mask(g, 0) + fisnet_ext.slot_mask(g * pos, 1), None
-        return g * pos, None
+        keep = ((a > 0) if ctx.positive else (a < 0)).to(g.dtype)
+        if sw.dual and ctx.positive:
+            return fisnet_ext.slot_mask(g, 0) + fisnet_ext.slot_mask(g * keep, 1), None, None
+        return g * keep, None, None
 
 
-class _ZPlusRatio(torch.autograd.Function):
-    """Identity on y; in the z⁺ pass G ↦ G ⊙ y / (z⁺ + ε) (slot 1 of the Dual two-slot pass), z⁺ a
-    constant of the rule (it stays a function of the weights in the double backward)."""
+class _ZPlusSplit(torch.autograd.Function):
+    """y (= y1 = y2 in value) of a linear op with non-negative coefficients (`_zplus_split`): the
+    ordinary and LRP-ε gradient goes to y1; in the z⁺ pass s⁺ = R/(z⁺+ε) on y ≥ 0 goes to y1 (the
+    positive inputs' graph) and s⁻ = R/(z⁻−ε) on y < 0 to y2 (the negative inputs').  z± are
+    constants of the rule that stay functions of the weights in the double backward."""
 
     @staticmethod
-    def forward(ctx, y, zp, zswitch, eps):
+    def forward(ctx, y1, y2, zp, zn, zswitch, eps):
         ctx.zswitch, ctx.eps = zswitch, eps
-        ctx.save_for_backward(y, zp)
+        ctx.save_for_backward(y1, zp, zn)
         ctx.set_materialize_grads(False)
-        return y.clone()  # not a view: the model may change it in place (an in-place dropout)
+        return y1.clone()  # not a view: the model may change it in place (an in-place dropout)
 
     @staticmethod
     def backward(ctx, g):
         sw = ctx.zswitch
+        none = (None,) * 4
         if g is None or not sw.active:
-            return g, None, None, None
-        y, zp = ctx.saved_tensors
+            return (g, None) + none
+        y, zp, zn = ctx.saved_tensors
         g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
-        r = fisnet_ext.zplus_ratio(g_zp, y, zp, ctx.eps)
-        return (fisnet_ext.slot_mask(g, 0) + r if sw.dual else r), None, None, None
+        sp, sn = signed_ratios(g_zp, y, zp, zn, ctx.eps)
+        return ((fisnet_ext.slot_mask(g, 0) + sp) if sw.dual else sp), sn, None, None, None, None
 
 
 class _ZPlusElementwise(torch.autograd.Function):

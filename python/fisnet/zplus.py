@@ -27,6 +27,18 @@ from .rules import LinearLayer, fold_batchnorm_as_used
 
 
 @dataclass
+class ZPlusMode:
+    """Per trace: `matched` once the forward has met an op whose outputs can be negative and carry
+    relevance (a GELU/SiLU/LeakyReLU/ELU/Mish/Hardswish, a norm, attention).  Then every z⁺ layer
+    is sign-matched: an output z ≥ 0 takes its relevance from the positive contributions, an output
+    z < 0 from the negative ones (R_j = (a_j w_jk)⁻ / z⁻_k · R_k), so relevance keeps its sign and is
+    conserved as ε → 0 with zero biases.  In ReLU networks only outputs z ≥ 0 carry relevance and
+    the rule is the plain z⁺ rule (docs/method.md)."""
+
+    matched: bool = False
+
+
+@dataclass
 class LayerRecord:
     layer: LinearLayer
     input: torch.Tensor
@@ -39,6 +51,7 @@ class LayerRecord:
     signed: bool = False  # the layer input has negative entries (after GELU, SiLU, LeakyReLU, …)
     tap_version: int = 0  # versions of `tapped` / `bn_tapped` when made (an in-place op changes them)
     bn_tap_version: int = 0
+    mode: Optional[ZPlusMode] = None  # the trace's z⁺ mode (sign-matched or not)
 
     @property
     def raw_out(self) -> torch.Tensor:
@@ -59,13 +72,31 @@ def _in_dtype(layer: LinearLayer, dt) -> LinearLayer:
                        layer.stride, layer.padding, layer.dilation, layer.groups, layer.pad)
 
 
+def _matched(rec: Optional[LayerRecord], mode: Optional[ZPlusMode] = None) -> bool:
+    m = mode if mode is not None else (rec.mode if rec is not None else None)
+    return bool(m is not None and m.matched)
+
+
+def signed_ratios(g: torch.Tensor, out: torch.Tensor, zp: torch.Tensor, zn: Optional[torch.Tensor], eps: float):
+    """(s⁺, s⁻): R/(z⁺+ε) where out ≥ 0 and R/(z⁻−ε) where out < 0 (R = out·g), each zero elsewhere;
+    s⁻ is None when `zn` is (the plain z⁺ rule: s⁺ = R/(z⁺+ε) everywhere).  Fused, with its double
+    backward (fisnet_ext.zplus_ratio)."""
+    if zn is None:
+        return fisnet_ext.zplus_ratio(g, out, zp, eps), None
+    sp = fisnet_ext.zplus_ratio(g, out.clamp(min=0), zp, eps)
+    sn = fisnet_ext.zplus_ratio(g, out.clamp(max=0), zn.neg(), eps).neg()  # g·out/(z⁻ − ε) where out < 0
+    return sp, sn
+
+
 def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """G_in = W⁺ᵀ(G ⊙ num/(z⁺+ε)) for one layer (num = z, or z⁺ for the classifier); inputs of
-    either sign through `_branch_zplus` (only positive contributions count)."""
+    either sign through `_branch_zplus` (only positive contributions count); sign-matched outputs
+    (`ZPlusMode`) with the negative contributions where z < 0."""
     dt = rec.input.dtype
-    zp, back = _branch_zplus(rec, None)
+    matched = _matched(rec) and not rec.is_logits
+    zp, zn, back = _branch_zplus(rec, None, matched)
     num = zp if rec.is_logits else z.to(dt)
-    return back(fisnet_ext.zplus_ratio(g.to(dt), num, zp, eps))  # fused g·num/(z⁺+ε), with its double backward
+    return back(*signed_ratios(g.to(dt), num, zp, zn, eps))
 
 
 class ZPlusTap(torch.autograd.Function):
@@ -100,22 +131,34 @@ class ZPlusTap(torch.autograd.Function):
         return g_through, zplus_input_grad(rec, z, g_zp, ctx.eps), None, None, None, None
 
 
-def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor):
-    """The positive contributions of a layer (or residual branch) to its output: (z⁺, a function
-    s ↦ input-gradient).  A conv/BatchNorm layer: W⁺a + b⁺, and for inputs of either sign
-    W⁺a⁺ + W⁻a⁻ + b⁺ (a⁺ with W⁺, a⁻ with W⁻, so every R_j = a_j·G_j ≥ 0; docs/method.md); an
-    identity branch (rec None): the positive entries of `v`."""
+def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor, matched: bool = False):
+    """The positive contributions of a layer (or residual branch) to its output, and with `matched`
+    the negative ones: (z⁺, z⁻ or None, a function (s⁺, s⁻) ↦ input-gradient).  A conv/BatchNorm
+    layer: z⁺ = W⁺a + b⁺, and for inputs of either sign W⁺a⁺ + W⁻a⁻ + b⁺ (a⁺ with W⁺, a⁻ with W⁻,
+    so every R_j = a_j·G_j ≥ 0; docs/method.md); z⁻ = W⁻a + b⁻, for inputs of either sign
+    W⁻a⁺ + W⁺a⁻ + b⁻.  An identity branch (rec None): the positive (negative) entries of `v`, and
+    no function (the caller masks s⁺, s⁻ by the sign of v)."""
     if rec is None:
-        return v.clamp(min=0), None
+        return v.clamp(min=0), (v.clamp(max=0) if matched else None), None
     a = rec.input
     layer = _in_dtype(folded(rec), a.dtype)
-    wp = layer.weight.clamp(min=0)
-    bp = None if layer.bias is None else layer.bias.clamp(min=0)
+    wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+    b = layer.bias
+    bp = None if b is None else b.clamp(min=0)
+    bn = None if b is None else b.clamp(max=0)
+    T = layer.transpose
     if not rec.signed:
-        return layer.forward(a, wp, bp), (lambda s: layer.transpose(s, wp, a.shape))
-    wn = layer.weight.clamp(max=0)
-    zp = layer.forward(a.clamp(min=0), wp, bp) + layer.forward(a.clamp(max=0), wn, None)
-    return zp, (lambda s: torch.where(a >= 0, layer.transpose(s, wp, a.shape), layer.transpose(s, wn, a.shape)))
+        zp = layer.forward(a, wp, bp)
+        if not matched:
+            return zp, None, (lambda sp, sn: T(sp, wp, a.shape))
+        return zp, layer.forward(a, wn, bn), (lambda sp, sn: T(sp, wp, a.shape) + T(sn, wn, a.shape))
+    ap, an = a.clamp(min=0), a.clamp(max=0)
+    zp = layer.forward(ap, wp, bp) + layer.forward(an, wn, None)
+    if not matched:
+        return zp, None, (lambda sp, sn: torch.where(a >= 0, T(sp, wp, a.shape), T(sp, wn, a.shape)))
+    zn = layer.forward(ap, wn, bn) + layer.forward(an, wp, None)
+    return zp, zn, (lambda sp, sn: torch.where(a >= 0, T(sp, wp, a.shape) + T(sn, wn, a.shape),
+                                               T(sp, wn, a.shape) + T(sn, wp, a.shape)))
 
 
 class ZPlusSum(torch.autograd.Function):
@@ -126,9 +169,9 @@ class ZPlusSum(torch.autograd.Function):
     a branch output, so its value before the sum is not needed)."""
 
     @staticmethod
-    def forward(ctx, u, v, a_u, a_v, recs, switch, eps, inplace):
+    def forward(ctx, u, v, a_u, a_v, recs, switch, eps, inplace, mode=None):
         ctx.recs = tuple(None if r is None else weakref.ref(r) for r in recs)  # weakly: see ZPlusTap
-        ctx.switch, ctx.eps = switch, eps
+        ctx.switch, ctx.eps, ctx.mode = switch, eps, mode
         if inplace:
             u.add_(v)
             ctx.mark_dirty(u)
@@ -145,9 +188,9 @@ class ZPlusSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         sw = ctx.switch
-        rest = (None,) * 4
+        rest = (None,) * 5
         if g is None:
-            return (None,) * 8
+            return (None,) * 9
         if not sw.active:
             return (g, g, None, None) + rest
         u, v = ctx.saved_tensors
@@ -157,16 +200,20 @@ class ZPlusSum(torch.autograd.Function):
         out = u + v
         g_through = fisnet_ext.slot_mask(g, 0) if sw.dual else None
         g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
-        zu, back_u = _branch_zplus(rec_u, u)
-        zv, back_v = _branch_zplus(rec_v, v)
+        matched = _matched(None, ctx.mode)
+        zu, nu, back_u = _branch_zplus(rec_u, u, matched)
+        zv, nv, back_v = _branch_zplus(rec_v, v, matched)
         zsum = zu + zv
-        s = fisnet_ext.zplus_ratio(g_zp.to(zsum.dtype), out.to(zsum.dtype), zsum, ctx.eps)  # R_sum / (z⁺ + ε)
+        nsum = None if nu is None else nu + nv
+        sp, sn = signed_ratios(g_zp.to(zsum.dtype), out.to(zsum.dtype), zsum, nsum, ctx.eps)  # R_sum / (z± ± ε)
         grads = []
         for t, back in ((u, back_u), (v, back_v)):
             if back is not None:  # a branch: to its conv's input
-                grads.append((g_through, back(s)))
-            else:  # the identity: R = t⁺ · s
-                own = s * (t > 0).to(s.dtype)
+                grads.append((g_through, back(sp, sn)))
+            else:  # the identity: R = t⁺ · s⁺ (+ t⁻ · s⁻)
+                own = sp * (t > 0).to(sp.dtype)
+                if sn is not None:
+                    own = own + sn * (t < 0).to(sn.dtype)
                 grads.append((own if g_through is None else g_through + own, None))
         (g_u, g_au), (g_v, g_av) = grads
         return (g_u, g_v, g_au, g_av) + rest
