@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 import fisnet_ext
 
 from . import optable
-from .rules import LinearLayer, bound_images, fold_batchnorm_as_used, resolve_rules, zb_relevance
+from .rules import (LinearLayer, bound_images, fold_batchnorm_as_used, fold_batchnorm_for_zb, resolve_rules,
+                    zb_relevance)
 from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
 from .zplus import LayerRecord, ZPlusMode, ZPlusSum, ZPlusTap, signed_ratios
 
@@ -911,8 +912,17 @@ class LRPTrace:
         return self._finish(targets, grads, B, M, zp)
 
     def _zb(self, rec: _ZbLayer, r_out: torch.Tensor) -> torch.Tensor:
-        """The Zb rule from R_out at `rec`'s output to the input it read (mapped back through F.pad)."""
-        layer = rec.layer if rec.bn is None else fold_batchnorm_as_used(rec.layer, rec.bn, rec.output)
+        """The Zb rule from R_out at `rec`'s output to the input it read (mapped back through F.pad).
+        The layer's output as the forward computed it is Zb's `z_full` (one convolution saved); when an
+        in-place op (a ReLU after the BatchNorm) has overwritten it, it is recomputed from the conv
+        output in one element-wise pass (`fold_batchnorm_for_zb`)."""
+        if rec.bn is None:
+            layer = rec.layer
+            z_full = rec.output if rec.output._version == rec.version else None
+        elif rec.bn_output._version == rec.version:
+            layer, z_full = fold_batchnorm_as_used(rec.layer, rec.bn, rec.output), rec.bn_output
+        else:
+            layer, z_full = fold_batchnorm_for_zb(rec.layer, rec.bn, rec.output)
         a = rec.input
         x = self.x
         low, high, low_b, high_b = bound_images(self.bounds, x)
@@ -927,7 +937,7 @@ class LRPTrace:
             high = high.reshape((1,) + tuple(a.shape[1:]))
         if r_out.dim() == a.dim():  # only when a layer is followed by nothing that keeps its shape
             r_out = r_out.unsqueeze(1)
-        r = zb_relevance(layer, a, r_out, low, high, low_b, high_b, self.eps)
+        r = zb_relevance(layer, a, r_out, low, high, low_b, high_b, self.eps, z_full=z_full)
         B, M = r.shape[:2]
         if rec.pad is not None:  # relevance of the padded copies goes back to the pixels they copy
             r = _pad_adjoint(r.reshape((B * M,) + tuple(a.shape[1:])), rec.pad, (B * M,) + tuple(x.shape[1:]))
