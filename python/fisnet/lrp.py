@@ -735,11 +735,13 @@ class _Interceptor(TorchFunctionMode):
             return self._zplus_bias_add(u, v)
         if u.shape != v.shape or u.dtype != v.dtype:
             return None
-        if ru is None and rv is None:  # two input-dependent summands, neither a conv/BatchNorm output
-            if inplace or not (self._tainted(u) and self._tainted(v)):
-                return None
-        elif inplace and ru is None:
-            return None
+        if ru is None and rv is None and not (self._tainted(u) and self._tainted(v)):
+            return None  # (two input-dependent summands, neither a conv/BatchNorm output, are a z⁺ layer too)
+        if inplace and ru is None:  # u += v with u not a branch: the sum needs u's value before it
+            u_before = u.clone()
+            a_v = rv.input if rv is not None else v
+            out = ZPlusSum.apply(u_before, v, u_before, a_v, (None, rv), self.zswitch, self.eps, False, self.zmode)
+            return u.copy_(out)
         a_u = ru.input if ru is not None else u
         a_v = rv.input if rv is not None else v
         return ZPlusSum.apply(u, v, a_u, a_v, (ru, rv), self.zswitch, self.eps, inplace, self.zmode)
