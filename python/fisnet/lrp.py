@@ -627,7 +627,7 @@ class _Interceptor(TorchFunctionMode):
         gates = [i for i, a in enumerate(args[:2]) if self._is_gate(a)]
         others = [i for i, a in enumerate(args[:2]) if i not in gates and self._tainted(a)]
         if len(gates) == 1 and len(others) == 1:
-            args[gates[0]] = _HeatmapZero.apply(args[gates[0]], self.switches)
+            args[gates[0]] = _HeatmapBlock.apply(args[gates[0]], self.switches, True)
             self.n_act += 1
         return tuple(args)
 
@@ -1116,39 +1116,25 @@ class _ZPlusElementwise(torch.autograd.Function):
         return g_x, (fisnet_ext.slot_mask(g, 0) if sw.dual else None), None, None
 
 
-class _HeatmapZero(torch.autograd.Function):
-    """Identity; its backward passes the ordinary gradient and a zero gradient in heatmap backwards.
+class _HeatmapBlock(torch.autograd.Function):
+    """Identity; its backward passes the ordinary gradient and blocks heatmap backwards (None, or
+    with `zero` a zero of the gradient's shape).
 
-    For gates (the "constant_gate" rule): the zero keeps the gate branch's backward running on a
+    `zero` for gates (the "constant_gate" rule): it keeps the gate branch's backward running on a
     gradient of the heatmap's own (slot-batched) shape, where `None` would let PyTorch hand the ops
     of the branch (the squeeze-excitation's SiLU/ReLU) a materialised zero without the rule-slot
     dimension of the Dual ISNet's two-slot pass. The branch is tiny (a pooled vector)."""
 
     @staticmethod
-    def forward(ctx, t, switches):
-        ctx.switches = switches
+    def forward(ctx, t, switches, zero=False):
+        ctx.switches, ctx.zero = switches, zero
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, g):
         if any(s.active for s in ctx.switches):
-            return torch.zeros_like(g), None
-        return g, None
-
-
-class _HeatmapBlock(torch.autograd.Function):
-    """Identity; its backward passes the ordinary gradient and blocks heatmap backwards."""
-
-    @staticmethod
-    def forward(ctx, t, switches):
-        ctx.switches = switches
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        if any(s.active for s in ctx.switches):
-            return None, None
-        return g, None
+            return (torch.zeros_like(g) if ctx.zero else None), None, None
+        return g, None, None
 
 
 def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = True, bounds=(0.0, 1.0),
