@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "python" / "fisnet"
 
 # the quick subset: closed forms, invariants, variants, the loss, and the mutant killers
-DEFAULT_TESTS = ["tests/fisnet/test_mutants.py", "tests/fisnet/test_loss.py", "tests/fisnet/test_lrp.py",
+DEFAULT_TESTS = ["tests/fisnet/test_mutants.py", "tests/fisnet/test_zplus_signed.py", "tests/fisnet/test_loss.py",
+                 "tests/fisnet/test_lrp.py",
                  "tests/fisnet/test_variants.py"]
 # ...less the slow ones (each over 20 s on the 2-core VM under load): every backbone x variant,
 # the ResNet-18 two-slot pass, the end-to-end gradgradcheck, the tune-cuts training
@@ -56,18 +57,19 @@ class Mutant:
 
 MUTANTS: List[Mutant] = [
     # rules.py — Zb (docs/spec.md §2.1) and BatchNorm folding
+    # zb_relevance as one op (the first implementation, _zb_relevance_reference, is the tests' oracle)
     Mutant("zb-stabiliser", "rules.py",
-           "z = z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))",
-           "z = z + eps",
+           "return torch.where(z >= 0, e, -e).add_(z)",
+           "return z + e",
            "Zb stabiliser ε·sign(z) replaced by +ε"),
     Mutant("zb-sign0", "rules.py",
-           "torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))",
-           "torch.where(z > 0, torch.ones_like(z), -torch.ones_like(z))",
+           "return torch.where(z >= 0, e, -e).add_(z)",
+           "return torch.where(z > 0, e, -e).add_(z)",
            "Zb: sign(0) := −1"),
     Mutant("zb-bounds-swapped", "rules.py",
-           "return a.unsqueeze(1) * ct - low.unsqueeze(1) * cp - high.unsqueeze(1) * cn",
-           "return a.unsqueeze(1) * ct - high.unsqueeze(1) * cp - low.unsqueeze(1) * cn",
-           "Zb: l and h swapped in the backward"),
+           "for v in [a] + [img for img, _ in kept]], dim=2)",
+           "for v in [a] + [img for img, _ in kept][::-1]], dim=2)",
+           "Zb: l and h swapped in the backward (conv layers)"),
     Mutant("bn-fold-mean-sign", "rules.py",
            "b = (b - mean) * scale",
            "b = (b + mean) * scale",
@@ -125,6 +127,14 @@ MUTANTS: List[Mutant] = [
            "    num = zp if rec.is_logits else z.to(dt)\n",
            "    num = z.to(dt) if rec.is_logits else zp\n",
            "z⁺ (non-negative inputs): numerators of the classifier and the hidden layers swapped"),
+    Mutant("zplus-signed-negative-dropped", "zplus.py",
+           "sn = fisnet_ext.zplus_ratio(g, out.clamp(max=0), zn.neg(), eps).neg()",
+           "sn = torch.zeros_like(sp)",
+           "sign-matched z⁺: outputs z < 0 give no relevance (positive contributions only)"),
+    Mutant("zplus-split-sign", "lrp.py",
+           "keep = ((a > 0) if ctx.positive else (a < 0)).to(g.dtype)",
+           "keep = ((a < 0) if ctx.positive else (a > 0)).to(g.dtype)",
+           "sign-matched z⁺ at pooling/attention/bias adds: the two input signs swapped"),
     # lrp.py
     Mutant("eps-negative-accepted", "lrp.py",
            "if not eps >= 0:",
