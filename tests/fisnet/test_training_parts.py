@@ -1,6 +1,7 @@
 """The Trainer's pieces (fisnet.training): device-side step sums read once per logging interval,
 the divergence report naming the first bad step, rule overrides through training and the CLI,
 and multi-process training with DistributedDataParallel against one process."""
+import gc
 import json
 import os
 import socket
@@ -266,8 +267,11 @@ def _ddp_worker(rank, world, port, out):
             t.fit()
             states["ddp" if ddp else "manual"] = {k: v.clone() for k, v in t.model.state_dict().items()}
             states["loss_ddp" if ddp else "loss_manual"] = t.history[0]["train_loss"]
+            del t
+            gc.collect()  # the DDP reducer goes with its trainer, before the process group
         if rank == 0:
             torch.save(states, out)
+        dist.barrier()  # both ranks done before either tears the group (and rank 0 its store) down
     finally:
         dist.destroy_process_group()
 
