@@ -460,15 +460,14 @@ class _Interceptor(TorchFunctionMode):
         return isinstance(t, torch.Tensor) and self._tainted(t) and t.is_floating_point() and bool((t < 0).any())
 
     def _zplus_nonneg_linear(self, func, args, kwargs):
-        """Average pooling / mean of an input of either sign, in a Dual trace: y = f(a) with f linear
-        and non-negative coefficients.  The z⁺ pass counts only the positive contributions:
-        z⁺ = f(a⁺), R_a = a⁺ ⊙ f*(R_y / (z⁺ + ε)), i.e. G_a = 1[a > 0] ⊙ f*(G_y ⊙ y / (z⁺ + ε)), so
-        relevance keeps its sign (docs/method.md).  The ordinary and the LRP-ε backwards are f's own."""
+        """Average pooling / mean of an input of either sign, in a Dual trace: f linear with
+        non-negative coefficients, sign-matched in the z⁺ pass (`_zplus_split`, docs/method.md)."""
         a, rest = args[0], args[1:]
         return self._zplus_split(lambda t: func(t, *rest, **kwargs), a)
 
     def _zplus_split(self, f, a, zp_of=None, zn_of=None):
-        """f(a) for f linear with non-negative coefficients (or, with `zn_of`, affine: t ↦ t + b) in a
+        """f(a) for f linear with non-negative coefficients (or affine, t ↦ t + b, with `zp_of`/`zn_of`
+        giving z⁺ = t⁺ + b⁺ and z⁻ = t⁻ + b⁻) in a
         Dual trace: the z⁺ pass is sign-matched, an output y ≥ 0 takes its relevance from the inputs
         a > 0 (z⁺ = f(a⁺)), an output y < 0 from the inputs a < 0 (z⁻ = f(a⁻)):
         G_a = 1[a > 0] ⊙ f*(R_y/(z⁺+ε) on y ≥ 0) + 1[a < 0] ⊙ f*(R_y/(z⁻−ε) on y < 0).  f runs three
