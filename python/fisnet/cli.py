@@ -370,6 +370,74 @@ def _apply_saved_options(args, ck: Dict, path: str) -> None:
     args._classes = cfg.get("classes")
 
 
+SEGMENTER = "segmenter.pt"  # --method segment_then_classify: the segmenter's state dict in OUT
+
+
+def _check_segment_then_classify(args) -> None:
+    """--method segment_then_classify: its classifier is plain (P = 0); refuse the options it cannot use."""
+    given = getattr(args, "_given", set())
+    if args.method != "segment_then_classify":
+        if "segmenter_epochs" in given:
+            raise ValueError("--segmenter-epochs applies to --method segment_then_classify only")
+        return
+    P = _parse_P(str(args.P))
+    if "P" in given and any(float(v) != 0 for v in (P.values() if isinstance(P, dict) else [P])):
+        raise ValueError(f"--P {args.P}: --method segment_then_classify trains its classifier with P = 0 "
+                         f"(drop --P, or give --P 0)")
+    for flag, dest in (("--cuts", "cuts"), ("--rrr-lambda", "rrr_lambda"), ("--lds", "lds")):
+        if dest in given and getattr(args, dest) not in (None, False):
+            raise ValueError(f"{flag} does not apply to --method segment_then_classify (its classifier trains "
+                             f"with P = 0 on the images with the predicted background zeroed)")
+    if args.segmenter_epochs < 1:
+        raise ValueError(f"--segmenter-epochs {args.segmenter_epochs}: give 1 or more")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--method segment_then_classify does not run under torchrun: train it in one process")
+    args.P = "0"
+
+
+def _true_masks(data) -> torch.Tensor:
+    """The masks of a dataset of (image, mask, label): its ``.masks`` tensor, else read in order."""
+    if isinstance(getattr(data, "masks", None), torch.Tensor):
+        return data.masks
+    return torch.cat([b[1] for b in torch.utils.data.DataLoader(data, batch_size=256)])
+
+
+def _segment_then_classify_data(args, train_set, tests, resuming: bool):
+    """--method segment_then_classify: the segmenter (trained on the training masks and saved to
+    OUT/segmenter.pt, or loaded from there on --resume), then the training and test sets with the
+    predicted background zeroed (true masks kept)."""
+    from .baselines import PredictedBackgroundZeroed, SmallSegmenter, mask_iou, train_segmenter
+    from .train import RunExistsError, resolve_device
+    from .training.checkpoint import atomic_save, atomic_write_text, run_exists
+    path = os.path.join(args.out, SEGMENTER)
+    if not args.resume and run_exists(args.out):
+        raise RunExistsError(f"run folder {args.out} already holds a run ({run_exists(args.out)}); continue it "
+                             f"with --resume or choose a new --out")
+    dev = resolve_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.resume and os.path.isfile(path):
+        seg = SmallSegmenter(int(train_set[0][0].shape[0]))
+        seg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        seg = seg.to(dev).eval()
+        print(f"segmenter: loaded {path}", flush=True)
+    elif resuming:
+        raise ValueError(f"{path} is missing: the classifier in {args.out} was trained on that segmenter's masks "
+                         f"(start a new run with another --out)")
+    else:
+        seg = train_segmenter(train_set, epochs=args.segmenter_epochs, seed=args.seed, device=dev,
+                              progress=not args.no_progress)
+        os.makedirs(args.out, exist_ok=True)
+        atomic_save(seg.state_dict(), path)
+        print(f"segmenter: {args.segmenter_epochs} epoch(s), saved {path}", flush=True)
+    masked_tests = {k: PredictedBackgroundZeroed(v, seg, device=dev) for k, v in tests.items()}
+    iou = {k: mask_iou(v.pred_masks, _true_masks(tests[k])) for k, v in masked_tests.items() if len(v)}
+    if iou:
+        print("segmenter: mean IoU " + ", ".join(f"{k} {v:.3f}" for k, v in iou.items()), flush=True)
+    atomic_write_text(os.path.join(args.out, "segmenter.json"), json.dumps(
+        {"in_channels": seg.in_channels, "width": seg.width, "dilations": list(seg.dilations), "threshold": 0.5,
+         "epochs": args.segmenter_epochs, "history": getattr(seg, "history", None), "test_mask_iou": iou}, indent=2))
+    return PredictedBackgroundZeroed(train_set, seg, device=dev), masked_tests
+
+
 def cmd_train(args) -> int:
     from .cuts import load_cuts
     from .train import CHECKPOINT, Trainer, TrainConfig, load_checkpoint, resolve_device
@@ -383,10 +451,13 @@ def cmd_train(args) -> int:
         _apply_saved_options(args, load_checkpoint(ckpath), ckpath)
     elif args.resume:
         print(f"no checkpoint in {args.out} yet: starting a new run", flush=True)
+    _check_segment_then_classify(args)
     rules = _parse_rules(args.rules)
     if args.device:
         resolve_device(args.device)
     tr, tests, cin, K = _datasets(args)
+    if args.method == "segment_then_classify":
+        tr, tests = _segment_then_classify_data(args, tr, tests, resuming)
     spec = _model_spec(args, cin, K)
     torch.manual_seed(args.seed)
     model = _build(dict(spec, weights=args.weights) if args.weights and not resuming else spec)
@@ -398,7 +469,9 @@ def cmd_train(args) -> int:
                       num_workers=args.workers, sync_bn=args.sync_bn, progress=not args.no_progress,
                       model_spec=spec)
     cfg.lr_schedule = args.lr_schedule
-    cfg.method, cfg.rrr_lambda = args.method, args.rrr_lambda  # rrr: fisnet.baselines
+    # rrr: fisnet.baselines; segment_then_classify: a plain classifier (P = 0) on the masked images
+    cfg.method = "isnet" if args.method == "segment_then_classify" else args.method
+    cfg.rrr_lambda = args.rrr_lambda
     cfg.rules, cfg.log_every, cfg.ddp = rules, args.log_every, not args.no_ddp
     cfg.classes = list(getattr(tr, "classes", None) or [str(i) for i in range(K)])
     cfg.cli = _cli_record(args)
@@ -673,9 +746,13 @@ def _add_optimisation_args(t) -> None:
     g.add_argument("--no-zb", action="store_true", help="turn the Zb first-layer rule off")
     g.add_argument("--cuts", metavar="FILE", help="C1/C2 JSON (from `fisnet tune-cuts`); default: tuned first")
     g.add_argument("--tune-epochs", type=int, default=5, help="epochs of the C1/C2 heuristic (default 5)")
-    g.add_argument("--method", default="isnet", choices=["isnet", "rrr"],
-                   help="isnet (default; --P 0 = plain) or rrr: Right for the Right Reasons baseline, cross-entropy "
-                        "+ lambda x background input-gradient penalty (docs/compare.md)")
+    g.add_argument("--method", default="isnet", choices=["isnet", "rrr", "segment_then_classify"],
+                   help="isnet (default; --P 0 = plain); rrr: Right for the Right Reasons baseline, cross-entropy "
+                        "+ lambda x background input-gradient penalty; segment_then_classify: a small segmenter "
+                        "trained on the masks (saved to OUT/segmenter.pt), then a plain classifier (P = 0) on the "
+                        "images with the predicted background zeroed (docs/compare.md)")
+    g.add_argument("--segmenter-epochs", type=int, default=3,
+                   help="segment_then_classify: epochs of the segmenter (default 3; Adam 3e-3, batch 64)")
     g.add_argument("--rrr-lambda", type=float, default=1.0, help="RRR penalty weight lambda (default 1)")
 
 
@@ -748,8 +825,8 @@ def _compare_parser(sub) -> None:
     cp.add_argument("--classes", type=int, default=10, choices=[10, 100],
                     help="10: biased digits; 100: biased two-digit numbers 00-99 (default 10)")
     cp.add_argument("--out", default="./fisnet-compare", help="output folder (default ./fisnet-compare)")
-    cp.add_argument("--methods", help="comma-separated subset of plain,rrr,original,selective,stochastic,dual "
-                                      "(plain is always trained: it gives the cuts)")
+    cp.add_argument("--methods", help="comma-separated subset of plain,rrr,segment_then_classify,original,selective,"
+                                      "stochastic,dual (plain is always trained: it gives the cuts)")
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--epochs", type=int, help="epochs of every method but plain (default: the budgets of "
                                                "docs/compare.md)")

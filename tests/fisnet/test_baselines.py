@@ -163,3 +163,178 @@ def test_cli_train_method_rrr(tmp_path):
     assert cfg["method"] == "rrr" and cfg["rrr_lambda"] == 5.0
     log = json.load(open(out / "log.json"))
     assert "relevance_mass" in log[0]["test"]["biased"]
+
+
+# ----------------------------------------------------------------------------- segment_then_classify
+
+def _squares(n=64, size=12, K=3, seed=0):
+    """A trivially learnable mask: a bright 5x5 square (the foreground) at a random place on dim noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.2 * torch.rand(n, 1, size, size, generator=g)
+    m = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        r, c = torch.randint(0, size - 5, (2,), generator=g).tolist()
+        m[i, :, r:r + 5, c:c + 5] = 1.0
+    x = torch.where(m > 0, 0.7 + 0.3 * torch.rand(n, 1, size, size, generator=g), x)
+    return MaskedImageDataset(x, m, torch.randint(0, K, (n,), generator=g), name="squares")
+
+
+def test_segmenter_learns_a_trivial_mask_deterministically_and_leaves_the_global_rng_alone():
+    from fisnet.baselines import SmallSegmenter, mask_iou, predict_masks, train_segmenter
+    ds = _squares()
+    before = torch.get_rng_state()
+    seg = train_segmenter(ds, epochs=15, batch_size=16, lr=1e-2, seed=3, device="cpu", progress=False, width=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert isinstance(seg, SmallSegmenter) and not seg.training
+    losses = [r["loss"] for r in seg.history]
+    assert len(losses) == 15 and losses[-1] < 0.3 * losses[0]
+    pred = predict_masks(seg, ds.images)
+    assert pred.dtype == torch.bool and pred.shape == (64, 1, 12, 12)
+    assert mask_iou(pred, ds.masks) > 0.9
+    again = train_segmenter(ds, epochs=15, batch_size=16, lr=1e-2, seed=3, device="cpu", progress=False, width=8)
+    assert all(torch.equal(a, b) for a, b in zip(seg.state_dict().values(), again.state_dict().values()))
+    other = train_segmenter(ds, epochs=1, batch_size=16, seed=4, device="cpu", progress=False, width=8)
+    assert not torch.equal(other.body[0].weight, seg.body[0].weight)
+
+
+def test_segmenter_shapes_and_mask_targets():
+    from fisnet.baselines import SmallSegmenter, predict_masks, train_segmenter
+    seg = SmallSegmenter(3, width=4)
+    assert seg(torch.rand(2, 3, 9, 13)).shape == (2, 1, 9, 13)  # any size, one logit channel
+    seg.train()
+    p = predict_masks(seg, torch.rand(5, 3, 9, 13), batch_size=2)
+    assert p.shape == (5, 1, 9, 13) and p.dtype == torch.bool
+    assert seg.training  # the module's mode is restored
+    # masks at twice the image size and with 2 channels are reduced (max over channels, any pixel of a cell)
+    ds = _squares(n=16)
+    big = torch.cat([ds.masks, torch.zeros_like(ds.masks)], 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+    class Big(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return ds.images[i], big[i], ds.labels[i]
+    s = train_segmenter(Big(), epochs=1, batch_size=8, device="cpu", progress=False, width=4)
+    assert s.history[0]["loss"] > 0
+    with pytest.raises(ValueError, match="epochs"):
+        train_segmenter(ds, epochs=0, progress=False)
+
+
+def test_mask_iou_by_hand():
+    from fisnet.baselines import mask_iou
+    pred = torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, 0]], [[1, 0], [0, 0]], [[1, 1], [1, 1]]], dtype=torch.bool)
+    true = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]], [[0, 0], [0, 1]], [[1, 1], [1, 0]]], dtype=torch.float32)
+    # image IoUs: 1/2, both empty = 1, disjoint = 0, 3/4
+    assert mask_iou(pred, true) == pytest.approx((0.5 + 1.0 + 0.0 + 0.75) / 4, abs=1e-12)
+    assert mask_iou(pred[:1, None], true[:1, None]) == pytest.approx(0.5, abs=1e-12)
+    # a 2-channel true mask is reduced with a max; values > 0.5 are foreground
+    two = torch.stack([true[:1] * 0.4, true[:1] * 0.9], 1)
+    assert mask_iou(pred[:1], two) == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(ValueError, match="differ"):
+        mask_iou(pred, true[:2])
+
+
+def _seg_and_set():
+    """A hand-made segmenter (foreground where x > 0.5: exactly the squares) and a squares set."""
+    seg = nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        seg.weight.fill_(10.0)
+        seg.bias.fill_(-5.0)
+    return seg, _squares(n=20)
+
+
+def test_predicted_background_zeroed_keeps_true_masks_and_labels():
+    from fisnet.baselines import PredictedBackgroundZeroed, predict_masks
+    from torch.utils.data import Subset
+    seg, ds = _seg_and_set()
+    pred = predict_masks(seg, ds.images)
+    assert torch.equal(pred, ds.masks > 0.5)  # the hand-made segmenter finds the squares
+    zd = PredictedBackgroundZeroed(ds, seg)
+    assert torch.equal(zd.pred_masks, pred)
+    assert torch.equal(zd.images[~pred.expand_as(zd.images)], torch.zeros(int((~pred).sum())))
+    assert torch.equal(zd.images[pred.expand_as(zd.images)], ds.images[pred.expand_as(ds.images)])
+    assert torch.equal(zd.masks, ds.masks) and torch.equal(zd.labels, ds.labels) and len(zd) == 20
+    x, m, y = zd[3]
+    assert torch.equal(x, ds.images[3] * pred[3]) and torch.equal(m, ds.masks[3]) and int(y) == int(ds.labels[3])
+    # a base without tensors (a Subset) gives the same items
+    sub = PredictedBackgroundZeroed(Subset(ds, range(5, 12)), seg, batch_size=3)
+    assert not hasattr(sub, "images") and len(sub) == 7
+    for j in range(7):
+        for a, b in zip(sub[j], zd[5 + j]):
+            assert torch.equal(a, b)
+
+
+def test_segment_then_classify_forward_is_the_classifier_on_the_masked_input():
+    from fisnet import models
+    from fisnet.baselines import SegmentThenClassify, predict_masks
+    seg, ds = _seg_and_set()
+    torch.manual_seed(1)
+    clf = models.small_cnn(num_classes=3, in_channels=1, width=4, batchnorm=False).eval()
+    pipe = SegmentThenClassify(seg, clf)
+    x = ds.images[:6]
+    xm = pipe.mask_input(x)
+    assert torch.equal(xm, x * predict_masks(seg, x))
+    assert not torch.equal(xm, x)
+    assert torch.equal(pipe(x), clf(xm))
+    assert not torch.allclose(pipe(x), clf(x))
+    assert set(k.split(".")[0] for k in pipe.state_dict()) == {"segmenter", "classifier"}
+    # the gate is a hard threshold at 0.5 (sigmoid(10 * 0.5 - 5) = 0.5 is background)
+    assert torch.equal(pipe.mask_input(torch.tensor([0.5, 0.51]).reshape(1, 1, 1, 2)),
+                       torch.tensor([0.0, 0.51]).reshape(1, 1, 1, 2))
+
+
+def test_make_loss_refuses_segment_then_classify():
+    from types import SimpleNamespace
+    with pytest.raises(ValueError, match="train_segmenter"):
+        make_loss(SimpleNamespace(method="segment_then_classify"))
+
+
+def test_cli_train_segment_then_classify_and_resume(tmp_path, monkeypatch, capsys):
+    from fisnet import baselines
+    from fisnet.baselines import SmallSegmenter
+    from fisnet.cli import main
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "stc"
+    args = ["train", "--method", "segment_then_classify", "--segmenter-epochs", "2", "--n-train", "64", "--n-test",
+            "32", "--epochs", "1", "--width", "4", "--batch-size", "32", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    seg_file = out / "segmenter.pt"
+    sd = torch.load(seg_file, weights_only=True)
+    seg = SmallSegmenter(1)
+    seg.load_state_dict(sd)  # the default architecture, 1 channel
+    info = json.load(open(out / "segmenter.json"))
+    assert info["epochs"] == 2 and len(info["history"]) == 2 and set(info["test_mask_iou"]) == {
+        "biased", "unbiased", "deceiving"}
+    saved = json.load(open(out / "config.json"))["config"]
+    assert saved["P"] == 0.0 and saved["method"] == "isnet"  # the classifier is a plain one
+    assert saved["cli"]["method"] == "segment_then_classify" and saved["cli"]["segmenter_epochs"] == 2
+    assert not list(out.glob(".tmp-*"))  # written atomically
+    stamp = seg_file.stat().st_mtime_ns
+    capsys.readouterr()
+
+    def no_training(*a, **k):
+        raise AssertionError("--resume retrained the segmenter")
+    monkeypatch.setattr(baselines, "train_segmenter", no_training)
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert f"segmenter: loaded {seg_file}" in capsys.readouterr().out
+    assert seg_file.stat().st_mtime_ns == stamp
+    assert len(json.load(open(out / "log.json"))) == 2
+    # a resumed run whose segmenter is gone is refused
+    seg_file.unlink()
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress"]) == 1
+    assert "segmenter.pt is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "segment_then_classify", "--P", "0.7"], "--P 0.7: --method segment_then_classify trains"),
+    (["--method", "segment_then_classify", "--rrr-lambda", "3"], "--rrr-lambda does not apply"),
+    (["--method", "segment_then_classify", "--segmenter-epochs", "0"], "--segmenter-epochs 0"),
+    (["--method", "rrr", "--segmenter-epochs", "2"], "--segmenter-epochs applies to --method segment_then_classify"),
+])
+def test_cli_train_segment_then_classify_bad_options(tmp_path, capsys, extra, message):
+    from fisnet.cli import main
+    assert main(["train", *extra, "--out", str(tmp_path / "x"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # refused before any work
