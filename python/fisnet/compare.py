@@ -1,4 +1,4 @@
-"""``fisnet compare``: plain, RRR and the four ISNet variants side by side on the biased data.
+"""``fisnet compare``: plain, RRR, segment_then_classify and the four ISNet variants side by side on the biased data.
 
 :func:`run_compare` trains, with one seed and one budget per method (``COMPARE_DEFAULTS``):
 
@@ -6,6 +6,14 @@
   eval-mode relevance over the training images, as in ``fisnet demo``) of every ISNet variant;
 * ``rrr`` — Right for the Right Reasons (``fisnet.baselines``), λ chosen by the documented rule
   on biased validation data held out of the training set (never the test sets);
+* ``segment_then_classify`` — a small segmenter trained on the training masks (``fisnet.baselines``;
+  ``segmenter_epochs`` in its budget), then the classifier (P = 0) on the training images with the
+  predicted background zeroed. It is evaluated as the pipeline: on the test sets with the predicted
+  background zeroed (true masks kept), i.e. the classifier's LRP-ε map of its masked input scored
+  against the true masks; its figure column is that map. ``config["segment_then_classify"]``
+  records the segmenter's training time and its mean IoU (and the share of marker pixels it keeps)
+  on each test set; ``models/segment_then_classify.pt`` holds the pipeline (``segmenter.*`` and
+  ``classifier.*`` keys);
 * ``original``, ``selective``, ``stochastic``, ``dual`` — the ISNet variants (``fisnet.ISNet``).
 
 Every method starts from the same initial weights (the same seed) and trains with the same
@@ -49,28 +57,34 @@ from torch.utils.data import DataLoader, Subset
 
 __all__ = ["run_compare", "format_compare_table", "COMPARE_METHODS", "COMPARE_DEFAULTS", "QUICK_COMPARE"]
 
-COMPARE_METHODS = ("plain", "rrr", "original", "selective", "stochastic", "dual")
+COMPARE_METHODS = ("plain", "rrr", "segment_then_classify", "original", "selective", "stochastic", "dual")
 ISNET_VARIANTS = ("original", "selective", "stochastic", "dual")
 TEST_SETS = ("biased", "unbiased", "deceiving")
 
 # Budgets: epochs per method, and (optionally) the number of training images a method trains on
 # (None = all). The 10-class budget is the demo's Selective recipe (40 epochs, Adam 3e-3, cosine,
-# P 0.7) for every ISNet variant and RRR; the plain model gets the demo's 3 epochs.
+# P 0.7) for every ISNet variant and RRR; the plain model gets the demo's 3 epochs. segment_then_classify's
+# classifier gets RRR's epochs, its segmenter ``segmenter_epochs``.
 COMPARE_DEFAULTS: Dict[int, Dict[str, Any]] = {
     10: dict(n_train=4000, n_test=1000, width=8, batchnorm=True, batch_size=64, optimizer="adam", lr=3e-3,
              lr_schedule="cosine", P=0.7, cuts_images=None, rrr_lambdas=(10.0, 100.0, 1000.0),
              rrr_choose_epochs=2, figure_images=3,
              budgets={"plain": {"epochs": 3}, "rrr": {"epochs": 40}, "original": {"epochs": 40},
-                      "selective": {"epochs": 40}, "stochastic": {"epochs": 40}, "dual": {"epochs": 40}}),
+                      "selective": {"epochs": 40}, "stochastic": {"epochs": 40}, "dual": {"epochs": 40},
+                      "segment_then_classify": {"epochs": 40, "segmenter_epochs": 3}}),
     100: dict(n_train=10000, n_test=1000, width=8, batchnorm=True, batch_size=64, optimizer="adam", lr=3e-3,
               lr_schedule="cosine", P=0.7, cuts_images=1000, rrr_lambdas=(10.0, 100.0, 1000.0),
               rrr_choose_epochs=1, figure_images=3,
               budgets={"plain": {"epochs": 6}, "rrr": {"epochs": 30}, "original": {"epochs": 1, "train_images": 1000},
-                       "selective": {"epochs": 30}, "stochastic": {"epochs": 30}, "dual": {"epochs": 30}}),
+                       "selective": {"epochs": 30}, "stochastic": {"epochs": 30}, "dual": {"epochs": 30},
+                       "segment_then_classify": {"epochs": 30, "segmenter_epochs": 3}}),
 }
+# quick: one epoch per method; the segmenter gets 10 (after 1 or 2 steps its BatchNorm running
+# statistics are still the initial ones and it predicts no foreground at all: nothing to classify)
 QUICK_COMPARE: Dict[str, Any] = dict(n_train=64, n_test=16, width=4, batch_size=32, cuts_images=64,
                                      rrr_lambdas=(10.0, 100.0), rrr_choose_epochs=1, figure_images=1,
-                                     budgets={m: {"epochs": 1} for m in COMPARE_METHODS})
+                                     budgets={m: {"epochs": 1, "segmenter_epochs": 10} if m == "segment_then_classify"
+                                              else {"epochs": 1} for m in COMPARE_METHODS})
 
 
 def _machine() -> Dict[str, str]:
@@ -105,7 +119,7 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
     ``COMPARE_DEFAULTS[classes]``; ``quick``: tiny settings for tests (numbers mean nothing);
     ``time_steps``: only time each method on that many steps."""
     from . import ISNet, models
-    from .baselines import choose_rrr_lambda
+    from .baselines import PredictedBackgroundZeroed, SegmentThenClassify, choose_rrr_lambda, mask_iou, train_segmenter
     from .cuts import estimate_cuts
     from .lrp import explain
     from .metrics import evaluate_all
@@ -188,18 +202,23 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
     maps: Dict[str, torch.Tensor] = {}
     preds: Dict[str, torch.Tensor] = {}
 
-    def run(method, cfg, cuts=None):
+    def run(method, cfg, cuts=None, segmenter=None, masked_tests=None):
+        """Train and evaluate one method. ``segmenter``: segment_then_classify — the classifier
+        trains on the images with the predicted background zeroed and is evaluated on
+        ``masked_tests`` (the test sets so masked, true masks kept)."""
         nonlocal dev
         subset, ep = budget_set(method)
         cfg.epochs, cfg.run_name = ep, method
         say(f"training {method} ({len(spe) + 1}/{len(wanted)}): {ep} epoch(s) on {len(subset)} images")
         t = time.perf_counter()
-        tr = Trainer(fresh_model(), subset, None, None, cfg, cuts=cuts)
+        data = subset if segmenter is None else PredictedBackgroundZeroed(subset, segmenter)
+        tr = Trainer(fresh_model(), data, None, None, cfg, cuts=cuts)
         tr.fit()
         dev = tr.device
         models_out[method] = tr.model
         os.makedirs(os.path.join(out, "models"), exist_ok=True)
-        torch.save(tr.model.state_dict(), os.path.join(out, "models", f"{method}.pt"))
+        saved = tr.model if segmenter is None else SegmentThenClassify(segmenter, tr.model)
+        torch.save(saved.state_dict(), os.path.join(out, "models", f"{method}.pt"))
         report["history"][method] = tr.history
         spe[method] = sec_per_epoch(tr, subset)
         budgets_used[method] = {"epochs": ep, "train_images": len(subset),
@@ -209,11 +228,13 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
                                             f"seconds_per_epoch extrapolated to the full set")
         if time_steps is None:
             model = tr.model.eval()
+            fx = fig_x.to(dev) if segmenter is None else SegmentThenClassify(segmenter, model).mask_input(fig_x.to(dev))
             with torch.no_grad():
-                preds[method] = model(fig_x.to(dev)).argmax(1).cpu()
-            maps[method] = explain(model, fig_x.to(dev), eps=base.eps, zb=base.zb).cpu()
+                preds[method] = model(fx).argmax(1).cpu()
+            maps[method] = explain(model, fx, eps=base.eps, zb=base.zb).cpu()
             say(f"evaluating {method}")
-            res = evaluate_all(tr.model, tests, eps=base.eps, zb=base.zb, bounds=tuple(base.bounds))
+            res = evaluate_all(tr.model, tests if segmenter is None else masked_tests, eps=base.eps, zb=base.zb,
+                               bounds=tuple(base.bounds))
             report["per_test_set"][method] = res
             report["accuracy"][method] = {k: 100.0 * res[k]["accuracy"] for k in TEST_SETS}
             report["background_share"][method] = res["biased"]["background_share"]
@@ -274,7 +295,38 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
         say(f"rrr: lambda = {rule['lambda']:g}")
         run("rrr", dataclasses_replace(base, P=0.0, method="rrr", rrr_lambda=rule["lambda"]))
 
-    # 3. the ISNet variants, from the same initial weights (the costliest, the Original, last)
+    # 3. segment_then_classify: the segmenter (under its own seeded random state, so the other
+    # methods' runs are unchanged), then the plain classifier on the predicted foreground
+    if "segment_then_classify" in wanted:
+        stc = p["budgets"]["segment_then_classify"]
+        seg_set, _ = budget_set("segment_then_classify")
+        seg_epochs = 1 if time_steps is not None else int(stc.get("segmenter_epochs", 3))
+        say(f"segment_then_classify: training the segmenter, {seg_epochs} epoch(s) on {len(seg_set)} images")
+        t = time.perf_counter()
+        seg = train_segmenter(seg_set, epochs=seg_epochs, batch_size=p["batch_size"], seed=seed,
+                              device=dev, progress=progress, name="segment_then_classify segmenter")
+        seg_s = time.perf_counter() - t
+        info: Dict[str, Any] = {"segmenter": {"epochs": seg_epochs, "train_images": len(seg_set),
+                                              "width": seg.width, "dilations": list(seg.dilations),
+                                              "threshold": 0.5, "train_s": seg_s,
+                                              "seconds_per_epoch": seg_s / seg_epochs * len(train_set) / len(seg_set),
+                                              "history": seg.history}}
+        masked: Dict[str, Any] = {}
+        if time_steps is None:
+            info["mask_iou"], info["marker_pixels_kept"] = {}, {}
+            for name, ts in tests.items():
+                masked[name] = PredictedBackgroundZeroed(ts, seg)
+                pm = masked[name].pred_masks
+                info["mask_iou"][name] = mask_iou(pm, ts.masks)
+                mm = ts.marker_masks() > 0.5 if getattr(ts, "config", None) is not None else None
+                if mm is not None and bool(mm.any()):
+                    info["marker_pixels_kept"][name] = float((pm & mm).sum()) / float(mm.sum())
+            say("segment_then_classify: segmenter IoU "
+                + ", ".join(f"{k} {v:.3f}" for k, v in info["mask_iou"].items()))
+        extra["segment_then_classify"] = info
+        run("segment_then_classify", dataclasses_replace(base, P=0.0), segmenter=seg, masked_tests=masked)
+
+    # 4. the ISNet variants, from the same initial weights (the costliest, the Original, last)
     for v in ("selective", "stochastic", "dual", "original"):
         if v in wanted:
             run(v, dataclasses_replace(base, variant=v, P=p["P"]), cuts=cuts[v])
@@ -307,7 +359,8 @@ def format_compare_table(report: Dict[str, Any]) -> str:
     acc, share, loc, spe = (report.get("accuracy", {}), report.get("background_share", {}),
                             report.get("localisation", {}), report.get("seconds_per_epoch", {}))
     methods = [m for m in COMPARE_METHODS if m in spe or m in acc]
-    head = (f"{'method':<11}{'biased':>9}{'unbiased':>10}{'deceiving':>11}{'bg share':>10}{'rel.mass':>10}"
+    w = max([11] + [len(m) + 1 for m in methods])
+    head = (f"{'method':<{w}}{'biased':>9}{'unbiased':>10}{'deceiving':>11}{'bg share':>10}{'rel.mass':>10}"
             f"{'pointing':>10}{'s/epoch':>10}")
     lines = [head, "-" * len(head)]
     for m in methods:
@@ -318,5 +371,5 @@ def format_compare_table(report: Dict[str, Any]) -> str:
         cells += f"{share[m]:>10.3f}" if m in share else f"{'-':>10}"
         cells += f"{l['relevance_mass']:>10.3f}{l['pointing_game']:>10.3f}" if l else f"{'-':>10}{'-':>10}"
         cells += f"{spe[m]:>10.1f}" if m in spe else f"{'-':>10}"
-        lines.append(f"{m:<11}" + cells)
+        lines.append(f"{m:<{w}}" + cells)
     return "\n".join(lines)

@@ -171,3 +171,53 @@ def test_format_table_by_hand():
     assert lines[2].split() == ["plain", "99.0%", "70.2%", "4.0%", "0.500", "0.250", "0.000", "1.5"]
     assert lines[3].split() == ["original", "-", "-", "-", "-", "-", "-", "20.0"]
     assert len(lines) == 4
+
+
+def test_compare_segment_then_classify_leaves_the_other_methods_unchanged(tmp_path):
+    """The method is in every section of the report, is evaluated as the pipeline (the saved
+    pipeline on the raw test images gives the reported accuracy), and adding it changes nothing
+    for the methods trained before and after it."""
+    from fisnet.baselines import SegmentThenClassify, SmallSegmenter
+    from fisnet.compare import COMPARE_DEFAULTS, QUICK_COMPARE, run_compare
+    from fisnet import models
+    m = "segment_then_classify"
+    assert COMPARE_DEFAULTS[10]["budgets"][m] == {"epochs": COMPARE_DEFAULTS[10]["budgets"]["rrr"]["epochs"],
+                                                  "segmenter_epochs": 3}
+    assert COMPARE_DEFAULTS[100]["budgets"][m]["epochs"] == COMPARE_DEFAULTS[100]["budgets"]["rrr"]["epochs"]
+    assert QUICK_COMPARE["budgets"][m]["epochs"] == 1
+    with_it = run_compare(out=str(tmp_path / "with"), quick=True, methods=["rrr", m, "selective"], progress=False)
+    without = run_compare(out=str(tmp_path / "without"), quick=True, methods=["rrr", "selective"], progress=False)
+    assert with_it["config"]["methods"] == ["plain", "rrr", m, "selective"]
+    for key in ("accuracy", "background_share", "localisation", "seconds_per_epoch", "per_test_set", "history"):
+        assert m in with_it[key] and m not in without[key]
+    for other in ("plain", "rrr", "selective"):
+        assert with_it["per_test_set"][other] == without["per_test_set"][other]
+        strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+        assert strip(with_it["history"][other]) == strip(without["history"][other])
+    assert with_it["config"]["rrr"]["lambda"] == without["config"]["rrr"]["lambda"]
+    info = with_it["config"][m]
+    assert info["segmenter"]["epochs"] == QUICK_COMPARE["budgets"][m]["segmenter_epochs"]
+    assert info["segmenter"]["train_s"] > 0 and len(info["segmenter"]["history"]) == info["segmenter"]["epochs"]
+    assert set(info["mask_iou"]) == {"biased", "unbiased", "deceiving"}
+    assert all(0.0 < v <= 1.0 for v in info["mask_iou"].values())
+    assert 0.0 <= with_it["background_share"][m] <= 1.0
+    # the saved pipeline, run on the raw test images, has the reported accuracy
+    ds = D.make_biased_digits(0, n_train=QUICK_COMPARE["n_train"], n_test=QUICK_COMPARE["n_test"])
+    spec = dict(with_it["config"]["model"])
+    pipe = SegmentThenClassify(SmallSegmenter(1), models.build(spec.pop("name"), **spec))
+    pipe.load_state_dict(torch.load(tmp_path / "with" / "models" / f"{m}.pt", weights_only=True))
+    pipe.eval()
+    for name in ("biased", "unbiased", "deceiving"):
+        with torch.no_grad():
+            acc = 100.0 * float((pipe(ds[name].images).argmax(1) == ds[name].labels).float().mean())
+        assert acc == pytest.approx(with_it["accuracy"][m][name], abs=1e-9)
+
+
+def test_compare_time_only_segment_then_classify(tmp_path):
+    from fisnet.compare import run_compare
+    rep = run_compare(out=str(tmp_path / "t"), quick=True, time_steps=1, methods=["segment_then_classify"],
+                      progress=False)
+    assert set(rep["seconds_per_epoch"]) == {"plain", "segment_then_classify"}
+    seg = rep["config"]["segment_then_classify"]["segmenter"]
+    assert seg["epochs"] == 1 and seg["train_images"] == 64 and seg["seconds_per_epoch"] > 0
+    assert rep["accuracy"] == {}
