@@ -12,8 +12,9 @@
   background zeroed (true masks kept), i.e. the classifier's LRP-ε map of its masked input scored
   against the true masks; its figure column is that map. ``config["segment_then_classify"]``
   records the segmenter's training time and its mean IoU (and the share of marker pixels it keeps)
-  on each test set; ``models/segment_then_classify.pt`` holds the pipeline (``segmenter.*`` and
-  ``classifier.*`` keys);
+  on each test set, and the pipeline's relevance scores without the first layer's Zb rule (which
+  gives relevance to the zeroed, black pixels); ``models/segment_then_classify.pt`` holds the
+  pipeline (``segmenter.*`` and ``classifier.*`` keys);
 * ``original``, ``selective``, ``stochastic``, ``dual`` — the ISNet variants (``fisnet.ISNet``).
 
 Every method starts from the same initial weights (the same seed) and trains with the same
@@ -122,7 +123,7 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
     from .baselines import PredictedBackgroundZeroed, SegmentThenClassify, choose_rrr_lambda, mask_iou, train_segmenter
     from .cuts import estimate_cuts
     from .lrp import explain
-    from .metrics import evaluate_all
+    from .metrics import evaluate_all, relevance_metrics
     from .plot import heatmap_grid
     from .train import Trainer, TrainConfig
 
@@ -325,6 +326,10 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
                 + ", ".join(f"{k} {v:.3f}" for k, v in info["mask_iou"].items()))
         extra["segment_then_classify"] = info
         run("segment_then_classify", dataclasses_replace(base, P=0.0), segmenter=seg, masked_tests=masked)
+        if time_steps is None:  # the first layer's Zb rule gives relevance to the zeroed (black) pixels
+            info["relevance_without_zb"] = {
+                name: relevance_metrics(models_out["segment_then_classify"], ms, base.eps, False,
+                                        bounds=tuple(base.bounds)) for name, ms in masked.items()}
 
     # 4. the ISNet variants, from the same initial weights (the costliest, the Original, last)
     for v in ("selective", "stochastic", "dual", "original"):

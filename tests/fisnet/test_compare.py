@@ -201,6 +201,9 @@ def test_compare_segment_then_classify_leaves_the_other_methods_unchanged(tmp_pa
     assert set(info["mask_iou"]) == {"biased", "unbiased", "deceiving"}
     assert all(0.0 < v <= 1.0 for v in info["mask_iou"].values())
     assert 0.0 <= with_it["background_share"][m] <= 1.0
+    assert set(info["relevance_without_zb"]) == {"biased", "unbiased", "deceiving"}
+    # without the Zb rule the zeroed background gets (almost) no relevance: less than with it
+    assert info["relevance_without_zb"]["biased"]["background_share"] < with_it["background_share"][m]
     # the saved pipeline, run on the raw test images, has the reported accuracy
     ds = D.make_biased_digits(0, n_train=QUICK_COMPARE["n_train"], n_test=QUICK_COMPARE["n_test"])
     spec = dict(with_it["config"]["model"])
