@@ -20,8 +20,9 @@ __all__ = [
     "tune_cpu_malloc",
 ]
 
-# fisnet compare: the RRR baseline, localisation metrics, the comparison itself
-from .baselines import RRRLoss, choose_rrr_lambda  # noqa: E402
+# fisnet compare: the RRR and segment_then_classify baselines, localisation metrics, the comparison itself
+from .baselines import RRRLoss, SegmentThenClassify, choose_rrr_lambda, train_segmenter  # noqa: E402
 from .metrics import pointing_game, relevance_mass, relevance_metrics  # noqa: E402
 from .compare import run_compare  # noqa: E402
-__all__ += ["RRRLoss", "choose_rrr_lambda", "pointing_game", "relevance_mass", "relevance_metrics", "run_compare"]
+__all__ += ["RRRLoss", "choose_rrr_lambda", "SegmentThenClassify", "train_segmenter", "pointing_game",
+            "relevance_mass", "relevance_metrics", "run_compare"]
