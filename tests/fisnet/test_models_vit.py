@@ -62,6 +62,8 @@ def oracle_forward(m, x, rule, *, cls=True, pos=True, taps=None):
     t = torch.cat([c if cls else torch.zeros_like(c), t], 1)
     if pos:
         t = t + m.encoder.pos_embedding
+    if taps is not None:
+        taps.append(t)  # the embedding: patch tokens with their position embedding
     for blk in m.encoder.layers:
         y = t + _attention(_ln(t, blk.ln_1), blk.self_attention, rule)
         z = _ln(y, blk.ln_2)
@@ -173,7 +175,8 @@ def test_cp_conserves_without_biases(seed):
 def test_lds_default_maps_on_the_patch_grid(seed):
     torch.manual_seed(seed)
     m = _random_params(tiny_vit(num_layers=3), seed).eval()
-    assert m.lds_layers == ("encoder.layers.encoder_layer_0.grid", "encoder.layers.encoder_layer_1.grid")
+    assert m.lds_layers == ("encoder.grid", "encoder.layers.encoder_layer_0.grid",
+                            "encoder.layers.encoder_layer_1.grid")
     assert models.default_lds_layers(m) == m.lds_layers
     x = torch.rand(2, 3, 8, 8)
     maps = fisnet.ISNet(m, "selective", lds_layers="default").eval()(x, heatmaps=True).heatmaps
@@ -181,16 +184,30 @@ def test_lds_default_maps_on_the_patch_grid(seed):
     for name in m.lds_layers:  # (B, M, E, h, w): E as channels on the 4x4 patch grid
         assert maps[name].shape == (2, 1, 8, 4, 4)
         assert torch.isfinite(maps[name]).all() and float(maps[name].abs().sum()) > 0
-    # the map at a block's grid is the relevance of that block's patch tokens: with Zb off and
-    # ε → 0 (cp) it is their gradient × activation under the oracle, on the grid
+    # the map at a grid is the relevance of those patch tokens: with Zb off and ε → 0 (cp) it is
+    # their gradient × activation under the oracle, on the grid — at the embedding (patch tokens
+    # plus their position embedding: the position embedding's relevance is in this map) and at
+    # every block's output
     m64, x64 = m.to(DT), x.to(DT)
-    grid_map = fisnet.explain(m64, x64, 0, eps=0.0, zb=False, layers=[m.lds_layers[0]])[m.lds_layers[0]][:, 0]
+    got = fisnet.explain(m64, x64, 0, eps=0.0, zb=False, layers=list(m.lds_layers))
     taps = []
     y = oracle_forward(m64, x64, "cp", taps=taps)[:, 0].sum()
-    t0 = taps[0]
-    ga = torch.autograd.grad(y, t0)[0] * t0  # (B, 1 + 16, 8)
-    expected = ga[:, 1:].transpose(1, 2).reshape(2, 8, 4, 4)
-    torch.testing.assert_close(grid_map, expected, rtol=1e-7, atol=1e-10)
+    assert len(taps) == 1 + 3  # embedding, then each block
+    grads = torch.autograd.grad(y, taps[:3])
+    for name, t, g in zip(m.lds_layers, taps[:3], grads):
+        expected = (g * t)[:, 1:].transpose(1, 2).reshape(2, 8, 4, 4)  # (B, 1 + 16, 8) → grid
+        torch.testing.assert_close(got[name][:, 0], expected, rtol=1e-7, atol=1e-10)
+    # the embedding map holds the input map plus what the position embedding absorbs: bias-free
+    # conv_proj, so the patch part is exactly the pixels' relevance
+    with torch.no_grad():
+        m64.conv_proj.bias.zero_()
+    got = fisnet.explain(m64, x64, 0, eps=0.0, zb=False, layers=["encoder.grid"])
+    taps = []
+    y = oracle_forward(m64, x64, "cp", taps=taps)[:, 0].sum()
+    g0 = torch.autograd.grad(y, taps[0])[0][:, 1:]
+    pos_part = (g0 * m64.encoder.pos_embedding[:, 1:]).sum((1, 2))
+    torch.testing.assert_close(got["encoder.grid"].sum((1, 2, 3, 4)),
+                               got["input"].sum((1, 2, 3, 4)) + pos_part, rtol=1e-7, atol=1e-10)
     m.float()
     # ISNetLoss takes these maps with 1-channel image masks
     crit = ISNetLoss(P=0.5, cuts=(1.0, 10.0))

@@ -20,8 +20,10 @@ like biases, they absorb relevance (docs/vit.md gives how much on the demo model
 LDS maps on the patch grid: each block ends with ``grid`` (:class:`TokenGrid`), a parameter-free
 module that takes the block's patch tokens (B, N, E) and returns them as a map (B, E, h, w) — the
 values unchanged; the block then puts them back into the token sequence after the class token.
-So the default LDS layers (``model.lds_layers``) are ``encoder.layers.encoder_layer_i.grid`` and
-their relevance maps are (B, M, E, h, w), the shape the ISNet heatmap loss takes (E as channels,
+The encoder does the same with the embedding (patch tokens plus their position embedding, after
+``encoder.dropout``) at ``encoder.grid``: its map holds the relevance the position embedding
+absorbs, which the input map does not show. So the default LDS layers (``model.lds_layers``) are
+``encoder.grid`` and ``encoder.layers.encoder_layer_i.grid``, and their relevance maps are (B, M, E, h, w), the shape the ISNet heatmap loss takes (E as channels,
 masks resized to h x w). The class token's relevance at a block output is not in that map. The
 last block is left out of the defaults: only its class token reaches the head, so the relevance
 of its patch tokens is zero (a 1-block ViT has no default LDS layer).
@@ -126,12 +128,16 @@ class Encoder(nn.Module):
             (f"encoder_layer_{i}", EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout, attention_dropout))
             for i in range(num_layers)))
         self.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
+        self.grid = TokenGrid()
 
     def forward(self, input: torch.Tensor, grid: Optional[Tuple[int, int]] = None,
                 pos_embedding: Optional[torch.Tensor] = None) -> torch.Tensor:
         if input.dim() != 3:
             raise ValueError(f"expected (batch, tokens, hidden) got shape {tuple(input.shape)}")
         x = self.dropout(input + (self.pos_embedding if pos_embedding is None else pos_embedding))
+        if grid is not None:
+            # the embedding's LDS layer: patch tokens with their position embedding, on the grid
+            x = torch.cat([x[:, :1], TokenGrid.to_tokens(self.grid(x[:, 1:], grid))], dim=1)
         for layer in self.layers:
             x = layer(x, grid)
         return self.ln(x)
@@ -167,7 +173,8 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.conv_proj.bias)
         nn.init.trunc_normal_(self.heads.head.weight, std=0.02)
         nn.init.zeros_(self.heads.head.bias)
-        self.lds_layers = tuple(f"encoder.layers.encoder_layer_{i}.grid" for i in range(num_layers - 1))
+        self.lds_layers = ("encoder.grid",) + tuple(f"encoder.layers.encoder_layer_{i}.grid"
+                                                    for i in range(num_layers - 1))
 
     def _pos_embedding(self, h: int, w: int) -> Optional[torch.Tensor]:
         """The position embedding for an h x w patch grid (None: the configured one)."""
