@@ -33,10 +33,11 @@ QUICK_DEFAULTS = dict(n_train=192, n_test=64, width=4, batchnorm=True, batch_siz
                       lr_schedule="constant", plain_epochs=1, isnet_epochs=1, P=0.7, share_max_images=None)
 
 TEST_SETS = ("biased", "unbiased", "deceiving")
-# Backbones (name prefixes) whose demo ISNet uses LRP deep supervision unless --no-lds: ConvNeXt's
-# LayerNorm σ is held constant in the heatmap backward, and without LDS its ISNet learns to pass
-# the marker through what the input map cannot see (docs/backbones.md, measured)
-DEMO_LDS = ("convnext",)
+# Backbones (name prefixes) whose demo ISNet uses LRP deep supervision unless --no-lds: without it
+# their ISNet learns to pass the marker through what the input map cannot see — ConvNeXt through
+# LayerNorm's σ, held constant in the heatmap backward (docs/backbones.md), the ViT through the
+# position embedding, which absorbs relevance like a bias (docs/vit.md); measured
+DEMO_LDS = ("convnext", "vit")
 
 
 def _threads(n: Optional[int]) -> None:
@@ -63,7 +64,7 @@ def run_demo(out: str = "./fisnet-demo", variant: str = "selective", seed: int =
     `rules`: overrides of the LRP rule table ({op kind: rule name}, fisnet.rules) for both runs'
     heatmaps, the cuts and the figures.  `lds`: LRP deep supervision of the ISNet on the backbone's
     default layers (``model.lds_layers``); None = the backbone's demo default (``DEMO_LDS``: on for
-    the ConvNeXt backbones, off for the rest)."""
+    the ConvNeXt and ViT backbones, off for the rest)."""
     from .rules import resolve_rules
     resolve_rules(rules)  # a wrong kind or rule name: the error before any work
     p = _demo_params(quick, epochs, plain_epochs, overrides)

@@ -61,7 +61,7 @@ def test_demo_quick(tmp_path):
 
 def test_demo_lds_flag(tmp_path):
     """--lds: the ISNet trains with LRP deep supervision (cuts per LDS layer, the run's config says
-    so); the default is on for ConvNeXt only, and --no-lds turns it off."""
+    so); the default is on for ConvNeXt and ViT only, and --no-lds turns it off."""
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
     from fisnet.cli import _demo_lds
@@ -75,7 +75,8 @@ def test_demo_lds_flag(tmp_path):
     assert rep["config"]["plain"]["lds"] is False
     assert _demo_lds("small_cnn", None) is False and _demo_lds("efficientnet_micro", None) is False
     assert _demo_lds("convnext_micro", None) is True and _demo_lds("convnext_tiny", None) is True
-    assert _demo_lds("convnext_micro", False) is False
+    assert _demo_lds("vit_digits", None) is True and _demo_lds("vit_tiny", None) is True
+    assert _demo_lds("convnext_micro", False) is False and _demo_lds("vit_digits", False) is False
     assert build_parser().parse_args(["demo", "--no-lds"]).lds is False
     assert build_parser().parse_args(["demo"]).lds is None
 
