@@ -77,8 +77,8 @@ COMPARE_DEFAULTS: Dict[int, Dict[str, Any]] = {
               lr_schedule="cosine", P=0.7, cuts_images=1000, rrr_lambdas=(10.0, 100.0, 1000.0),
               rrr_choose_epochs=1, figure_images=3,
               budgets={"plain": {"epochs": 6}, "rrr": {"epochs": 30}, "original": {"epochs": 1, "train_images": 1000},
-                       "selective": {"epochs": 30}, "stochastic": {"epochs": 30}, "dual": {"epochs": 30},
-                       "segment_then_classify": {"epochs": 30, "segmenter_epochs": 3}}),
+                       "selective": {"epochs": 30, "cuts_plain_epochs": 2}, "stochastic": {"epochs": 30},
+                       "dual": {"epochs": 30}, "segment_then_classify": {"epochs": 30, "segmenter_epochs": 3}}),
 }
 # quick: one epoch per method; the segmenter gets 10 (after 1 or 2 steps its BatchNorm running
 # statistics are still the initial ones and it predicts no foreground at all: nothing to classify)
@@ -279,10 +279,27 @@ def run_compare(classes: int = 10, out: str = "./fisnet-compare", *, seed: int =
         n_cut = min(n_cut, p["batch_size"])
     cut_loader = DataLoader(Subset(train_set, range(min(n_cut, len(train_set)))), batch_size=128, shuffle=False)
     cuts: Dict[str, Any] = {}
+    cuts_source: Dict[str, str] = {}
+    early_plain: Dict[int, torch.nn.Module] = {}
     for v in ISNET_VARIANTS:
         if v in wanted:
-            cuts[v] = estimate_cuts(ISNet(plain, v), cut_loader, device=dev)
+            n_early = p["budgets"][v].get("cuts_plain_epochs")
+            source = plain
+            if n_early is not None and time_steps is None:
+                # cuts from a shorter plain run (same start, data and recipe): a confident plain model
+                # makes the Selective's maps vanish (p_argmin << its ε), and its cuts with them
+                if n_early not in early_plain:
+                    say(f"plain model of {n_early} epoch(s) for the cuts of {v}")
+                    cfg_early = dataclasses_replace(base, P=0.0, epochs=int(n_early), run_name=f"plain_{n_early}ep")
+                    tr_early = Trainer(fresh_model(), train_set, None, None, cfg_early)
+                    tr_early.fit()
+                    early_plain[n_early] = tr_early.model
+                source = early_plain[n_early]
+            cuts[v] = estimate_cuts(ISNet(source, v), cut_loader, device=dev)
+            cuts_source[v] = (f"a plain model of {n_early} epoch(s) (cuts_plain_epochs)" if source is not plain
+                              else f"the plain model ({p['budgets']['plain']['epochs']} epochs)")
     extra["cuts"] = cuts
+    extra["cuts_source"] = cuts_source
 
     # 2. RRR, lambda by the documented rule on biased validation data
     if "rrr" in wanted:

@@ -224,3 +224,42 @@ def test_compare_time_only_segment_then_classify(tmp_path):
     seg = rep["config"]["segment_then_classify"]["segmenter"]
     assert seg["epochs"] == 1 and seg["train_images"] == 64 and seg["seconds_per_epoch"] > 0
     assert rep["accuracy"] == {}
+
+
+def test_compare_cuts_from_a_shorter_plain_run(tmp_path):
+    """A variant's ``cuts_plain_epochs``: its cuts come from a plain model of that many epochs (same
+    start, data and recipe) — equal to estimating them by hand on such a model — while the other
+    variants keep the main plain model's cuts; the config says which source each variant used."""
+    import copy
+    from torch.utils.data import DataLoader, Subset
+    from fisnet import ISNet, models
+    from fisnet.compare import COMPARE_DEFAULTS, QUICK_COMPARE, run_compare
+    from fisnet.cuts import estimate_cuts
+    from fisnet.train import Trainer, TrainConfig
+    assert COMPARE_DEFAULTS[100]["budgets"]["selective"]["cuts_plain_epochs"] == 2
+    assert all("cuts_plain_epochs" not in b for m, b in COMPARE_DEFAULTS[100]["budgets"].items() if m != "selective")
+    assert all("cuts_plain_epochs" not in b for b in COMPARE_DEFAULTS[10]["budgets"].values())
+    budgets = copy.deepcopy(QUICK_COMPARE["budgets"])
+    budgets["plain"]["epochs"] = 3
+    budgets["selective"]["cuts_plain_epochs"] = 1
+    rep = run_compare(out=str(tmp_path / "c"), quick=True, methods=["selective", "stochastic"], progress=False,
+                      epochs={"selective": 0, "stochastic": 0}, budgets=budgets)
+    assert "1 epoch" in rep["config"]["cuts_source"]["selective"]
+    assert "3 epochs" in rep["config"]["cuts_source"]["stochastic"]
+    # by hand: the same 1-epoch plain model, the same images
+    p = dict(COMPARE_DEFAULTS[10], **copy.deepcopy(QUICK_COMPARE))
+    ds = D.make_biased_digits(0, n_train=p["n_train"], n_test=p["n_test"])
+    spec = rep["config"]["model"]
+    torch.manual_seed(0)
+    s = dict(spec)
+    model = models.build(s.pop("name"), **s)
+    cfg = TrainConfig(optimizer=p["optimizer"], lr=p["lr"], lr_schedule=p["lr_schedule"], batch_size=p["batch_size"],
+                      seed=0, progress=False, model_spec=spec, P=0.0, epochs=1)
+    tr = Trainer(model, ds["train"], None, None, cfg)
+    tr.fit()
+    loader = DataLoader(Subset(ds["train"], range(p["cuts_images"])), batch_size=128, shuffle=False)
+    by_hand = estimate_cuts(ISNet(tr.model, "selective"), loader)
+    torch.testing.assert_close(torch.tensor(rep["config"]["cuts"]["selective"]["input"]),
+                               torch.tensor(by_hand["input"]), rtol=1e-5, atol=1e-8)
+    main_plain = estimate_cuts(ISNet(tr.model, "stochastic"), loader)
+    assert torch.tensor(rep["config"]["cuts"]["stochastic"]["input"]).ne(torch.tensor(main_plain["input"])).any()
