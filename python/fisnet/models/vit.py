@@ -23,10 +23,11 @@ values unchanged; the block then puts them back into the token sequence after th
 The encoder does the same with the embedding (patch tokens plus their position embedding, after
 ``encoder.dropout``) at ``encoder.grid``: its map holds the relevance the position embedding
 absorbs, which the input map does not show. So the default LDS layers (``model.lds_layers``) are
-``encoder.grid`` and ``encoder.layers.encoder_layer_i.grid``, and their relevance maps are (B, M, E, h, w), the shape the ISNet heatmap loss takes (E as channels,
-masks resized to h x w). The class token's relevance at a block output is not in that map. The
-last block is left out of the defaults: only its class token reaches the head, so the relevance
-of its patch tokens is zero (a 1-block ViT has no default LDS layer).
+``encoder.grid`` and ``encoder.layers.encoder_layer_i.grid``, and their relevance maps are
+(B, M, E, h, w), the shape the ISNet heatmap loss takes (E as channels, masks resized to h x w).
+The class token's relevance at a block output is not in that map. The last block is left out of
+the defaults: only its class token reaches the head, so the relevance of its patch tokens is zero
+(a 1-block ViT's only default LDS layer is the embedding).
 
 Configurations: ``vit_tiny`` (E 192, 3 heads, 12 blocks, MLP 768; DeiT-Tiny's sizes; torchvision
 has no ViT-Tiny) and ``vit_small`` (E 384, 6 heads, 12 blocks, MLP 1536), both 224 px with
@@ -60,7 +61,7 @@ __all__ = ["VisionTransformer", "EncoderBlock", "Encoder", "MLPBlock", "TokenGri
 
 class TokenGrid(nn.Module):
     """Patch tokens (B, N, E) → a map (B, E, h, w) on the patch grid (values unchanged).
-    ``to_tokens`` is the inverse. Parameter-free; the LDS layer of a block."""
+    ``to_tokens`` is the inverse. Parameter-free; the LDS layer of a block and of the embedding."""
 
     def forward(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         B, N, E = tokens.shape
@@ -72,6 +73,11 @@ class TokenGrid(nn.Module):
     @staticmethod
     def to_tokens(g: torch.Tensor) -> torch.Tensor:
         return g.flatten(2).transpose(1, 2)
+
+    def around(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """A token sequence (B, 1 + N, E) with its patch tokens passed through this module (the LDS
+        layer's output) and put back after the class token; values unchanged."""
+        return torch.cat([x[:, :1], self.to_tokens(self(x[:, 1:], grid))], dim=1)
 
 
 class MLPBlock(nn.Sequential):
@@ -112,8 +118,7 @@ class EncoderBlock(nn.Module):
         out = x + y
         if grid is None:
             return out
-        patches = self.grid(out[:, 1:], grid)  # the LDS layer: (B, E, h, w), values unchanged
-        return torch.cat([out[:, :1], TokenGrid.to_tokens(patches)], dim=1)
+        return self.grid.around(out, grid)  # the LDS layer: patch tokens as (B, E, h, w)
 
 
 class Encoder(nn.Module):
@@ -136,8 +141,7 @@ class Encoder(nn.Module):
             raise ValueError(f"expected (batch, tokens, hidden) got shape {tuple(input.shape)}")
         x = self.dropout(input + (self.pos_embedding if pos_embedding is None else pos_embedding))
         if grid is not None:
-            # the embedding's LDS layer: patch tokens with their position embedding, on the grid
-            x = torch.cat([x[:, :1], TokenGrid.to_tokens(self.grid(x[:, 1:], grid))], dim=1)
+            x = self.grid.around(x, grid)  # the embedding's LDS layer: patch tokens + position embedding
         for layer in self.layers:
             x = layer(x, grid)
         return self.ln(x)
