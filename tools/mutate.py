@@ -38,7 +38,7 @@ PACKAGE = ROOT / "python" / "fisnet"
 
 # the quick subset: closed forms, invariants, variants, the loss, and the mutant killers
 DEFAULT_TESTS = ["tests/fisnet/test_mutants.py", "tests/fisnet/test_zplus_signed.py", "tests/fisnet/test_loss.py",
-                 "tests/fisnet/test_lrp.py",
+                 "tests/fisnet/test_lrp.py", "tests/fisnet/test_rules_zb.py",
                  "tests/fisnet/test_variants.py"]
 # ...less the slow ones (each over 20 s on the 2-core VM under load): every backbone x variant,
 # the ResNet-18 two-slot pass, the end-to-end gradgradcheck, the tune-cuts training
@@ -70,6 +70,14 @@ MUTANTS: List[Mutant] = [
            "for v in [a] + [img for img, _ in kept]], dim=2)",
            "for v in [a] + [img for img, _ in kept][::-1]], dim=2)",
            "Zb: l and h swapped in the backward (conv layers)"),
+    Mutant("zb-bound-term-grad-sign", "rules.py",
+           "gcs = [-gz.sum_to_size(shape) if need and gz is not None else None",
+           "gcs = [gz.sum_to_size(shape) if need and gz is not None else None",
+           "Zb: the bound terms' gradient (ZbRatio's c) with the wrong sign"),
+    Mutant("bn-batch-var-grad", "rules.py",
+           "(g.reshape(kept) * (2.0 / n))",
+           "(g.reshape(kept) * (1.0 / n))",
+           "folded BatchNorm: the batch variance's derivative without its factor 2"),
     Mutant("bn-fold-mean-sign", "rules.py",
            "b = (b - mean) * scale",
            "b = (b + mean) * scale",

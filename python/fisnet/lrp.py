@@ -29,7 +29,7 @@ import fisnet_ext
 
 from . import optable
 from .rules import (LinearLayer, bound_images, fold_batchnorm_as_used, fold_batchnorm_for_zb, resolve_rules,
-                    zb_relevance)
+                    zb_ratio, zb_transpose)
 from .traced import _FUNCS as TRACED_CONV_FUNCS, traced_batch_norm, traced_conv
 from .zplus import LayerRecord, ZPlusMode, ZPlusSum, ZPlusTap, signed_ratios
 
@@ -864,10 +864,10 @@ class LRPTrace:
         if self.zb:
             r = out.pop("__x__")
             for i, rec in enumerate(self.zb_layers):
-                r_out = out.pop(f"__zb{i}__")
-                if r_out is None:
+                if out.get(f"__zb{i}__") is None:
+                    out.pop(f"__zb{i}__", None)
                     continue
-                zb = self._zb(rec, r_out)
+                zb = self._zb(rec, out, f"__zb{i}__")  # pops R_out: no reference left here
                 r = zb if r is None else r + zb
             out["input"] = r
         for name, _, a in targets:
@@ -912,18 +912,13 @@ class LRPTrace:
                 return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
         return self._finish(targets, grads, B, M, zp)
 
-    def _zb(self, rec: _ZbLayer, r_out: torch.Tensor) -> torch.Tensor:
-        """The Zb rule from R_out at `rec`'s output to the input it read (mapped back through F.pad).
-        The layer's output as the forward computed it is Zb's `z_full` (one convolution saved); when an
-        in-place op (a ReLU after the BatchNorm) has overwritten it, it is recomputed from the conv
-        output in one element-wise pass (`fold_batchnorm_for_zb`)."""
-        if rec.bn is None:
-            layer = rec.layer
-            z_full = rec.output if rec.output._version == rec.version else None
-        elif rec.bn_output._version == rec.version:
-            layer, z_full = fold_batchnorm_as_used(rec.layer, rec.bn, rec.output), rec.bn_output
-        else:
-            layer, z_full = fold_batchnorm_for_zb(rec.layer, rec.bn, rec.output)
+    def _zb(self, rec: _ZbLayer, out: dict, key: str) -> torch.Tensor:
+        """The Zb rule from R_out (popped from `out[key]`) at `rec`'s output to the input it read
+        (mapped back through F.pad).  The layer's output as the forward computed it is Zb's `z_full`
+        (one convolution saved); when an in-place op (a ReLU after the BatchNorm) has overwritten it,
+        it is recomputed from the conv output in one element-wise pass (`fold_batchnorm_for_zb`).
+        R_out and a recomputed z_full live only inside `_zb_ratio`: gone before the transposed
+        convolution runs (at ResNet-18's 64-channel first layer they are the step's largest tensors)."""
         a = rec.input
         x = self.x
         low, high, low_b, high_b = bound_images(self.bounds, x)
@@ -936,13 +931,27 @@ class LRPTrace:
         elif a.shape != x.shape:  # e.g. flattened input of a linear first layer
             low = low.reshape((1,) + tuple(a.shape[1:]))
             high = high.reshape((1,) + tuple(a.shape[1:]))
-        if r_out.dim() == a.dim():  # only when a layer is followed by nothing that keeps its shape
-            r_out = r_out.unsqueeze(1)
-        r = zb_relevance(layer, a, r_out, low, high, low_b, high_b, self.eps, z_full=z_full)
+        layer, s, kept, BM = self._zb_ratio(rec, out, key, low, high, low_b, high_b)
+        r = zb_transpose(layer, a, s, kept, BM)
         B, M = r.shape[:2]
         if rec.pad is not None:  # relevance of the padded copies goes back to the pixels they copy
             r = _pad_adjoint(r.reshape((B * M,) + tuple(a.shape[1:])), rec.pad, (B * M,) + tuple(x.shape[1:]))
         return r.reshape((B, M) + tuple(x.shape[1:]))
+
+    def _zb_ratio(self, rec: _ZbLayer, out: dict, key: str, low, high, low_b, high_b):
+        """(folded layer, s, kept, (B, M)) of `zb_ratio` for `rec`, with R_out popped from `out`."""
+        if rec.bn is None:
+            layer = rec.layer
+            z_full = rec.output if rec.output._version == rec.version else None
+        elif rec.bn_output._version == rec.version:
+            layer, z_full = fold_batchnorm_as_used(rec.layer, rec.bn, rec.output), rec.bn_output
+        else:
+            layer, z_full = fold_batchnorm_for_zb(rec.layer, rec.bn, rec.output)
+        r_out = out.pop(key)
+        if r_out.dim() == rec.input.dim():  # only when a layer is followed by nothing that keeps its shape
+            r_out = r_out.unsqueeze(1)
+        s, kept = zb_ratio(layer, rec.input, r_out, low, high, low_b, high_b, self.eps, z_full=z_full)
+        return layer, s, kept, tuple(r_out.shape[:2])
 
 
 def _pad_adjoint(r: torch.Tensor, pad_spec, shape) -> torch.Tensor:

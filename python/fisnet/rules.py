@@ -7,7 +7,7 @@ them) and work on a slot axis: relevance tensors have shape (B, M, ...), one map
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -109,9 +109,39 @@ def _bn_statistics(bn: dict, conv_out: torch.Tensor):
         # two plain reductions: torch.var_mean over several dims measured 13x slower on CPU
         # (1.2 ms against 0.09 ms for a (32, 16, 32, 32) batch)
         mean = conv_out.mean(dim=dims, keepdim=True)
-        var = (conv_out - mean).square().mean(dim=dims)
-        return mean.reshape(-1), var
+        return mean.reshape(-1), _BatchVar.apply(conv_out, tuple(dims))
     return bn["running_mean"], bn["running_var"]
+
+
+class _BatchVar(torch.autograd.Function):
+    """The biased variance of `x` over `dims`, as `(x − x.mean(dims)).square().mean(dims)`, whose
+    graph keeps `x` (which the BatchNorm keeps anyway) instead of the full-size `x − μ` that
+    `square`'s backward would save: one activation-sized tensor less per folded BatchNorm in a
+    training step (the Zb first layer; every conv+BN layer of the z⁺ pass).  The backward,
+    2 (x − μ) g / n with μ recomputed from the saved x, is written in differentiable torch ops, so
+    higher derivatives (the training step's double backward, gradgradcheck) work through it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, dims):
+        return (x - x.mean(dim=dims, keepdim=True)).square_().mean(dim=dims)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dims = inputs
+        ctx.dims = dims
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        dims = ctx.dims
+        n = 1
+        for d in dims:
+            n *= x.shape[d]
+        kept = [1 if d in dims else x.shape[d] for d in range(x.dim())]
+        return (x - x.mean(dim=dims, keepdim=True)) * (g.reshape(kept) * (2.0 / n)), None
 
 
 def bound_images(bounds, x: torch.Tensor):
@@ -185,25 +215,31 @@ def _zb_stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class ZbRatio(torch.autograd.Function):
-    """(s, z_s) with z_s = z + ε·sign z (sign 0 := +1) and s = R_out / z_s, for `R_out` (B, M, ...)
-    and `z` (B, ...).
+    """(s, z_s) with z_s = z' + ε·sign(z') (sign 0 := +1), z' = z − c_1 − c_2 − … (in that order) and
+    s = R_out / z_s, for `R_out` (B, M, ...), `z` (B, ...) and any number of terms `c_i`
+    broadcastable to `z` (the Zb rule's bound terms, one image each).  Taking them here keeps no
+    full-size z' tensor alive.
 
-    Its backward, g_R = g / z_s and g_z = g_{z_s} − Σ_M g_R ⊙ s, is written in differentiable torch
-    ops on the saved outputs s and z_s, so a second backward (gradgradcheck, the training step's
-    double backward) differentiates it; z_s is an output (not an intermediate) for that reason.
-    PyTorch's division backward instead computes −g·R/(z·z) and sums it over the slot axis (more
-    full-size passes and temporaries), and autograd would record the stabiliser's `where`."""
+    Its backward, g_R = g / z_s, g_z = g_{z_s} − Σ_M g_R ⊙ s and g_{c_i} = −g_z summed to c_i's shape, is
+    written in differentiable torch ops on the saved outputs s and z_s, so a second backward
+    (gradgradcheck, the training step's double backward) differentiates it; z_s is an output (not
+    an intermediate) for that reason.  PyTorch's division backward instead computes −g·R/(z·z) and
+    sums it over the slot axis (more full-size passes and temporaries), and autograd would record
+    the stabiliser's `where`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(r_out, z, eps):
+    def forward(r_out, z, eps, *cs):
+        for c in cs:
+            z = z - c
         zs = _zb_stabilise(z, eps)
         return r_out / zs.unsqueeze(1), zs
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         s, zs = output
+        ctx.c_shapes = [c.shape for c in inputs[3:]]
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable()
         ctx.save_for_backward(s, zs)
@@ -211,16 +247,20 @@ class ZbRatio(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_zs):
         s, zs = ctx.saved_tensors
+        want_z = any(ctx.needs_input_grad[1:2] + ctx.needs_input_grad[3:])
         if g is None:
-            return None, g_zs, None
-        gr = g / zs.unsqueeze(1)
-        gz = None
-        if ctx.needs_input_grad[1]:
-            gs = gr * s
-            gz = (gs.squeeze(1) if gs.shape[1] == 1 else gs.sum(1)).neg_()  # in place: one full tensor less
-            if g_zs is not None:
-                gz = gz + g_zs
-        return (gr if ctx.needs_input_grad[0] else None), gz, None
+            gz = g_zs
+        else:
+            gz = None
+            if want_z:
+                gs = g / zs.unsqueeze(1) * s
+                gz = (gs.squeeze(1) if gs.shape[1] == 1 else gs.sum(1)).neg_()  # in place: one full tensor less
+                if g_zs is not None:
+                    gz = gz + g_zs
+        gr = None if g is None or not ctx.needs_input_grad[0] else g / zs.unsqueeze(1)
+        gcs = [-gz.sum_to_size(shape) if need and gz is not None else None
+               for shape, need in zip(ctx.c_shapes, ctx.needs_input_grad[3:])]
+        return (gr, (gz if ctx.needs_input_grad[1] else None), None, *gcs)
 
 
 def _is_zero(t: torch.Tensor) -> bool:
@@ -253,7 +293,19 @@ def zb_relevance(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: 
     is 0 everywhere (l = 0, the default bounds (0, 1)) is left out.  The three transposes are one
     transposed convolution with the weights [W, −W⁺, −W⁻] stacked per group along its output
     channels, and R_a = Σ_t X_t ⊙ T_t with X = [a, l, h]; s comes from `ZbRatio`.  Equal to
-    `_zb_relevance_reference` to rounding (tests/fisnet/test_rules_zb.py)."""
+    `_zb_relevance_reference` to rounding (tests/fisnet/test_rules_zb.py).
+
+    In two steps, `zb_ratio` (s) and `zb_transpose` (R_a), so that a caller can let R_out and z go
+    before the transposed convolution runs (the trace does: they are the largest tensors of a
+    training step's heatmap pass at a high-resolution first layer)."""
+    s, kept = zb_ratio(layer, a, r_out, low, high, low_b, high_b, eps, z_full=z_full)
+    return zb_transpose(layer, a, s, kept, tuple(r_out.shape[:2]))
+
+
+def zb_ratio(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+             low_b: float, high_b: float, eps: float, z_full: Optional[torch.Tensor] = None):
+    """Zb's first step (`zb_relevance`): (s, kept) with s = R_out / z_s shaped (B·M, ...) and `kept`
+    the (bound image, weight part) pairs whose bound image is not zero, for `zb_transpose`."""
     w = layer.weight
     b = layer.bias
     feat = tuple(a.shape[1:])
@@ -268,15 +320,23 @@ def zb_relevance(layer: LinearLayer, a: torch.Tensor, r_out: torch.Tensor, low: 
             bpart = (b.clamp(min=0) if part == "pos" else b.clamp(max=0)) * bound
         terms.append((img, wpart, bpart, _is_zero(img)))
     z = layer.forward(a, w, b) if z_full is None else z_full
-    for img, wpart, bpart, zero in terms:  # in the reference's order: z − (l term) − (h term)
+    cs = []  # the bound terms, one image each, in the reference's order: z − (l term) − (h term) inside ZbRatio
+    for img, wpart, bpart, zero in terms:
         if not zero:
-            z = z + (-layer.forward(img, wpart, bpart))  # = z − c; its backward sums before negating
+            cs.append(layer.forward(img, wpart, bpart))
         elif bpart is not None:
-            z = z + (-_bias_image(layer, bpart))
-    s = ZbRatio.apply(r_out, z, float(eps))[0]
+            cs.append(_bias_image(layer, bpart))
+    s = ZbRatio.apply(r_out, z, float(eps), *cs)[0]
     B, M = r_out.shape[:2]
-    s = s.reshape((B * M,) + tuple(r_out.shape[2:]))
     kept = [(img, wpart) for img, wpart, _, zero in terms if not zero]
+    return s.reshape((B * M,) + tuple(r_out.shape[2:])), kept
+
+
+def zb_transpose(layer: LinearLayer, a: torch.Tensor, s: torch.Tensor, kept, BM: Tuple[int, int]) -> torch.Tensor:
+    """Zb's second step (`zb_relevance`): R_a (B, M, *a.shape[1:]) from `zb_ratio`'s (s, kept)."""
+    B, M = BM
+    w = layer.weight
+    feat = tuple(a.shape[1:])
     nt = 1 + len(kept)
     if layer.kind == "linear":
         wst = torch.cat([w] + [-wp for _, wp in kept], dim=1)  # (O, nt·C)
