@@ -80,6 +80,20 @@ def test_demo_lds_flag(tmp_path):
     assert build_parser().parse_args(["demo", "--no-lds"]).lds is False
     assert build_parser().parse_args(["demo"]).lds is None
 
+
+def test_demo_backbone_defaults():
+    """ViT backbones start the demo from lr 1e-3 and 12 ISNet epochs (DEMO_BACKBONE_DEFAULTS); the
+    command line overrides them; other backbones and --quick keep theirs."""
+    from fisnet.cli import DEMO_DEFAULTS, QUICK_DEFAULTS, _demo_params
+    p = _demo_params(False, None, None, {}, "vit_digits_stem")
+    assert p["lr"] == 1e-3 and p["isnet_epochs"] == 12 and p["n_train"] == DEMO_DEFAULTS["n_train"]
+    p = _demo_params(False, 7, None, {"lr": 5e-4}, "vit_digits")
+    assert p["lr"] == 5e-4 and p["isnet_epochs"] == 7
+    p = _demo_params(False, None, None, {}, "convnext_micro")
+    assert p["lr"] == DEMO_DEFAULTS["lr"] and p["isnet_epochs"] == DEMO_DEFAULTS["isnet_epochs"]
+    assert _demo_params(True, None, None, {}, "vit_digits")["lr"] == QUICK_DEFAULTS["lr"]
+
+
 def _folder_dataset(root, n=6, size=16):
     from PIL import Image
     import numpy as np

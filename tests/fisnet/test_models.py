@@ -11,7 +11,7 @@ ALL = ("densenet121", "resnet18", "resnet34", "resnet50", "small_cnn", "vgg11", 
        "vgg16", "vgg16_bn")
 # backbones beyond ReLU CNNs: tested in test_models_mobilenet_efficientnet_convnext.py and test_models_vit.py
 NEW = ("convnext_micro", "convnext_tiny", "efficientnet_b0", "efficientnet_micro", "mobilenet_v2",
-       "mobilenet_v2_micro", "vit_digits", "vit_small", "vit_tiny")
+       "mobilenet_v2_micro", "vit_digits", "vit_digits_stem", "vit_small", "vit_tiny")
 ALLOWED_LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Linear, nn.MaxPool2d, nn.AvgPool2d,
                   nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
 

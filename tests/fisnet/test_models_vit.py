@@ -56,7 +56,19 @@ def _attention(x, mha, rule):
 
 def oracle_forward(m, x, rule, *, cls=True, pos=True, taps=None):
     """The ViT's forward, written from its weights, with A / gate / σ detached as the rules say."""
-    t = F.conv2d(x, m.conv_proj.weight, m.conv_proj.bias, stride=m.patch_size)
+    if isinstance(m.conv_proj, torch.nn.Conv2d):
+        t = F.conv2d(x, m.conv_proj.weight, m.conv_proj.bias, stride=m.patch_size)
+    else:  # conv stem (torchvision's conv_stem_configs): Conv → BatchNorm (eval: affine) → ReLU, then 1x1
+        t = x
+        for name, layer in m.conv_proj.named_children():
+            if name == "conv_last":
+                t = F.conv2d(t, layer.weight, layer.bias)
+                continue
+            conv, bn = layer[0], layer[1]
+            t = F.conv2d(t, conv.weight, None, stride=conv.stride, padding=conv.padding)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            t = (t - bn.running_mean[:, None, None]) * scale[:, None, None] + bn.bias[:, None, None]
+            t = torch.relu(t)
     t = t.flatten(2).transpose(1, 2)
     c = m.class_token.expand(x.shape[0], -1, -1)
     t = torch.cat([c if cls else torch.zeros_like(c), t], 1)
@@ -251,3 +263,69 @@ def test_every_variant_trains(variant, lds, seed):
         g = dict(m.named_parameters())[name].grad
         assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0, name
     opt.step()
+
+
+STEM = ((4, 3, 2), (6, 3, 1))  # a 2-layer stem of total stride 2 = tiny_vit's patch size
+
+
+def _stem_vit(seed):
+    m = _random_params(tiny_vit(conv_stem_configs=STEM), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mod in m.conv_proj.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.copy_(0.2 * torch.randn(mod.num_features, generator=g))
+                mod.running_var.copy_(0.5 + torch.rand(mod.num_features, generator=g))
+    return m
+
+
+def test_conv_stem_layout_and_checks():
+    """torchvision's conv stem (conv_stem_configs): its state-dict keys, the same token grid, the
+    strides checked against the patch size; vit_digits_stem builds and runs."""
+    m = tiny_vit(conv_stem_configs=STEM)
+    keys = set(m.state_dict())
+    for k in ("conv_proj.conv_bn_relu_0.0.weight", "conv_proj.conv_bn_relu_0.1.running_var",
+              "conv_proj.conv_bn_relu_1.1.bias", "conv_proj.conv_last.weight", "conv_proj.conv_last.bias"):
+        assert k in keys, k
+    assert "conv_proj.conv_bn_relu_0.0.bias" not in keys  # stem convs have no bias (BatchNorm follows)
+    assert m.conv_proj.conv_bn_relu_1[0].padding == (1, 1) and m.conv_proj.conv_last.kernel_size == (1, 1)
+    assert m(torch.rand(2, 3, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="strides multiply to 4, not the patch size 2"):
+        tiny_vit(conv_stem_configs=((4, 3, 2), (4, 3, 2)))
+    d = models.build("vit_digits_stem", num_classes=10)
+    assert "vit_digits_stem" in models.names() and d(torch.rand(2, 1, 36, 36)).shape == (2, 10)
+    assert d.seq_length == 82 and d.lds_layers == models.build("vit_digits").lds_layers
+
+
+@pytest.mark.parametrize("rule", ["cp", "attnlrp"])
+def test_conv_stem_equals_oracle_eps_to_zero(rule, seed):
+    """With a conv stem the trace still equals gradient × input of the oracle (the stem's ReLUs by the
+    identity rule, its eval BatchNorms affine), and Zb at the stem's first conv gives finite maps."""
+    torch.manual_seed(seed)
+    m = _stem_vit(seed).to(DT).eval()
+    x = torch.rand(3, 3, 8, 8, dtype=DT)
+    target = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(oracle_forward(m, x, rule), m(x), rtol=1e-10, atol=1e-12)
+    r = fisnet.explain(m, x, target, eps=0.0, zb=False, rules={"attention": rule})[:, 0]
+    xg = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(oracle_forward(m, xg, rule).gather(1, target[:, None]).sum(), xg)[0] * x
+    torch.testing.assert_close(r, expected, rtol=1e-7, atol=1e-10)
+    rz = fisnet.explain(m, x, target, rules={"attention": rule})
+    assert torch.isfinite(rz).all() and float(rz.abs().sum()) > 0
+
+
+def test_conv_stem_trains_with_lds(seed):
+    """A Selective step with the default LDS layers through a train-mode conv stem (batch statistics)."""
+    torch.manual_seed(seed)
+    m = _stem_vit(seed).train()
+    net = fisnet.ISNet(m, "selective", lds_layers="default").train()
+    x = torch.rand(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0])
+    masks = torch.zeros(4, 1, 8, 8)
+    masks[:, :, 2:6, 2:6] = 1
+    out = net(x, labels)
+    assert all(torch.isfinite(v).all() for v in out.heatmaps.values())
+    ISNetLoss(P=0.7, cuts=(1.0, 10.0))(out, labels, masks).backward()
+    for name in ("conv_proj.conv_bn_relu_0.0.weight", "conv_proj.conv_bn_relu_0.1.weight", "conv_proj.conv_last.weight"):
+        g = dict(m.named_parameters())[name].grad
+        assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0, name

@@ -31,7 +31,7 @@ from .mobilenet import MobileNetV2, mobilenet_v2, mobilenet_v2_micro
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from .small import SmallCNN, small_cnn
 from .vgg import VGG, vgg11, vgg11_bn, vgg16, vgg16_bn
-from .vit import VisionTransformer, vit_digits, vit_small, vit_tiny
+from .vit import VisionTransformer, vit_digits, vit_digits_stem, vit_small, vit_tiny
 from .weights import WeightsReport, load_weights, read_state_dict
 
 __all__ = ["build", "names", "default_lds_layers", "ResNet", "BasicBlock", "Bottleneck",
@@ -39,7 +39,7 @@ __all__ = ["build", "names", "default_lds_layers", "ResNet", "BasicBlock", "Bott
            "vgg11", "vgg16", "vgg11_bn", "vgg16_bn", "small_cnn",
            "MobileNetV2", "EfficientNet", "ConvNeXt", "mobilenet_v2", "mobilenet_v2_micro",
            "efficientnet_b0", "efficientnet_micro", "convnext_tiny", "convnext_micro",
-           "VisionTransformer", "vit_tiny", "vit_small", "vit_digits",
+           "VisionTransformer", "vit_tiny", "vit_small", "vit_digits", "vit_digits_stem",
            "load_weights", "read_state_dict", "WeightsReport"]
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
@@ -61,6 +61,7 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_digits": vit_digits,
+    "vit_digits_stem": vit_digits_stem,
 }
 
 
