@@ -122,6 +122,7 @@ class _ZbLayer:
     bn: Optional[dict] = None
     bn_output: Optional[torch.Tensor] = None
     relu_output: Optional[torch.Tensor] = None
+    relu_version: Optional[int] = None  # the version of relu_output when a ReLU (max(z, 0)) made it
     version: int = 0  # of the layer (BN) output when recorded
     other_uses: List[str] = field(default_factory=list)  # functions other than one ReLU that read the output
 
@@ -357,7 +358,7 @@ class _Interceptor(TorchFunctionMode):
         rec = self._zb_by_out.get(id(x))
         if rec is not None and rec.neuron is x:
             if rec.relu_output is None and not rec.other_uses:
-                rec.relu_output = y
+                rec.relu_output, rec.relu_version = y, y._version
             else:
                 rec.other_uses.append(optable.func_name(func))
         if self._tainted(x):
@@ -940,11 +941,22 @@ class LRPTrace:
 
     def _zb_ratio(self, rec: _ZbLayer, out: dict, key: str, low, high, low_b, high_b):
         """(folded layer, s, kept, (B, M)) of `zb_ratio` for `rec`, with R_out popped from `out`."""
+        y = rec.relu_output
+        # An in-place ReLU overwrote z (the layer / BatchNorm output) with y = max(z, 0).  Where the
+        # ReLU is off, R_out = y·G = 0, so s = R_out / z_s = 0 whatever z is there, and so are the
+        # derivatives through z_s (−R_out/z_s²) and, behind the ReLU's 0 derivative, through y: y
+        # stands in for z exactly, with ε > 0 (with ε = 0, z_s = 0 − c could be 0/0 where z_s = z − c
+        # was not).  No recomputation of z then (a full-size pass and its backward; a convolution
+        # without BatchNorm).
+        relu_stands_in = (y is not None and rec.relu_version is not None and y._version == rec.relu_version
+                          and self.eps > 0)
         if rec.bn is None:
             layer = rec.layer
-            z_full = rec.output if rec.output._version == rec.version else None
+            z_full = rec.output if rec.output._version == rec.version else (y if relu_stands_in else None)
         elif rec.bn_output._version == rec.version:
             layer, z_full = fold_batchnorm_as_used(rec.layer, rec.bn, rec.output), rec.bn_output
+        elif relu_stands_in:
+            layer, z_full = fold_batchnorm_as_used(rec.layer, rec.bn, rec.output), y
         else:
             layer, z_full = fold_batchnorm_for_zb(rec.layer, rec.bn, rec.output)
         r_out = out.pop(key)

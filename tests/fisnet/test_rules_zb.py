@@ -322,3 +322,50 @@ def test_batch_var_keeps_only_its_input(seed):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             _BatchVar.apply(x, dims)
         assert len(saved) == 1 and saved[0] is x
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_inplace_relu_output_stands_in_for_z(bn, monkeypatch, seed):
+    """A first layer (conv, conv + BatchNorm) followed by an in-place ReLU: the trace takes Zb's z from the
+    ReLU output (s = 0 where the ReLU is off, whatever z is) instead of recomputing it; the maps and the
+    gradient of a heatmap loss through them (the training step's double backward) equal those of the same
+    network with an out-of-place ReLU, whose z the trace keeps (train mode, batch statistics)."""
+    import torch.nn as nn
+    import fisnet.lrp as lrp
+    from fisnet.lrp import trace
+
+    def net(inplace):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=not bn), *([nn.BatchNorm2d(6)] if bn else []),
+                             nn.ReLU(inplace=inplace), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).to(DT).train()
+
+    calls = []
+    real = lrp.zb_ratio
+
+    def spy(layer, a, r_out, *args, z_full=None, **kw):
+        calls.append(z_full)
+        return real(layer, a, r_out, *args, z_full=z_full, **kw)
+
+    monkeypatch.setattr(lrp, "zb_ratio", spy)
+    monkeypatch.setattr(lrp, "fold_batchnorm_for_zb", lambda *a, **k: pytest.fail("z recomputed"))
+    x = torch.rand(4, 3, 6, 6, dtype=DT)
+    masks = (torch.rand(4, 1, 6, 6, dtype=DT) > 0.5).to(DT)
+    results = []
+    for inplace in (False, True):
+        m = net(inplace)
+        t = trace(m, x, eps=0.05)
+        R = t.relevance(t.logits[:, :1] - 0.5 * t.logits[:, 1:2], create_graph=True)["input"]
+        loss = (R.abs() * (1 - masks.unsqueeze(1))).sum() + 0.1 * R.sum() ** 2
+        grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+        results.append((R.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, m.parameters())]))
+        assert calls[-1] is not None  # z kept (out of place) or the ReLU output (in place): never recomputed
+        if inplace:
+            assert float(calls[-1].min()) >= 0.0  # it was the ReLU output
+        else:
+            assert float(calls[-1].min()) < 0.0  # the layer output itself
+    (r0, g0), (r1, g1) = results
+    torch.testing.assert_close(r1, r0, **TOL)
+    for a_, b_ in zip(g1, g0):
+        torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 2 and all(c is not None for c in calls)
