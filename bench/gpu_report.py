@@ -85,6 +85,12 @@ def main(argv=None):
         lines += scaling_section(p) + [""]
     if not paths:
         lines.append("(no scaling-*.csv)")
+    for p in sorted(glob.glob(os.path.join(out, "vit-step-*.csv"))):
+        rows = _read(p)
+        lines += ["", f"## ViT step ({os.path.basename(p)})", "",
+                  "| model | step | ms | ratio | peak MB | ratio |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['step']} | {r['ms_median']} | {r['ratio_to_plain']}x | {r['peak_mb']} | "
+                  f"{r['peak_ratio_to_plain']}x |" for r in rows]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(text)

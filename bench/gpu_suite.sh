@@ -151,6 +151,14 @@ else
     --threads 1 --no-memory --out "$OUTDIR"
 fi
 
+# 5b. the ViT step as the demo runs it (plain, Selective, Selective + LDS; time and peak memory)
+if [ "$CUDA" = 1 ]; then
+  part vit-step 60 "$PY" bench/vit_step.py --device cuda --repeats 7 --out "$OUTDIR"
+else
+  part vit-step 60 "$PY" bench/vit_step.py --device cpu --batch 4 --repeats 1 --models vit_digits_stem \
+    --out "$OUTDIR"
+fi
+
 # 6. one readable summary of the CSVs (always, outside the parts' budget: it takes a second)
 if timeout 30 "$PY" bench/gpu_report.py "$OUTDIR" > "$OUTDIR/report.log" 2>&1; then
   say "$(printf '%-22s ok' report)"
