@@ -82,13 +82,14 @@ def test_demo_lds_flag(tmp_path):
 
 
 def test_demo_backbone_defaults():
-    """ViT backbones start the demo from lr 1e-3 and 12 ISNet epochs (DEMO_BACKBONE_DEFAULTS); the
-    command line overrides them; other backbones and --quick keep theirs."""
+    """ViT backbones start the demo from lr 1e-3, P 0.8 and 16 ISNet epochs (DEMO_BACKBONE_DEFAULTS);
+    the command line overrides them; other backbones and --quick keep theirs."""
     from fisnet.cli import DEMO_DEFAULTS, QUICK_DEFAULTS, _demo_params
     p = _demo_params(False, None, None, {}, "vit_digits_stem")
-    assert p["lr"] == 1e-3 and p["isnet_epochs"] == 12 and p["n_train"] == DEMO_DEFAULTS["n_train"]
-    p = _demo_params(False, 7, None, {"lr": 5e-4}, "vit_digits")
-    assert p["lr"] == 5e-4 and p["isnet_epochs"] == 7
+    assert p["lr"] == 1e-3 and p["isnet_epochs"] == 16 and p["P"] == 0.8
+    assert p["n_train"] == DEMO_DEFAULTS["n_train"] and p["plain_epochs"] == DEMO_DEFAULTS["plain_epochs"]
+    p = _demo_params(False, 7, None, {"lr": 5e-4, "P": 0.6}, "vit_digits")
+    assert p["lr"] == 5e-4 and p["isnet_epochs"] == 7 and p["P"] == 0.6
     p = _demo_params(False, None, None, {}, "convnext_micro")
     assert p["lr"] == DEMO_DEFAULTS["lr"] and p["isnet_epochs"] == DEMO_DEFAULTS["isnet_epochs"]
     assert _demo_params(True, None, None, {}, "vit_digits")["lr"] == QUICK_DEFAULTS["lr"]
