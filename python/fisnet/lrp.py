@@ -220,6 +220,7 @@ class _Interceptor(TorchFunctionMode):
         self._gates: Dict[int, weakref.ref] = {}  # sigmoid/hardsigmoid outputs: gates for the "gate" rule
         self.n_act = 0
         self.zswitch = zswitch  # set for the Dual ISNet: conv/linear outputs get z⁺ taps
+        self._bn_stats: dict = {}  # the last F.batch_norm call's batch statistics (traced_batch_norm)
         self.zmode = ZPlusMode()  # sign-matched z⁺ layers once an op with signed relevant outputs is met
         self.records: List[LayerRecord] = []
         self.eps = eps
@@ -298,10 +299,12 @@ class _Interceptor(TorchFunctionMode):
             if out is not None:
                 self._check(func, args, kwargs, out)
                 return out
+        if func is F.batch_norm:
+            self._bn_stats = {}  # this call's batch statistics (traced_batch_norm), for folding it (Zb, z⁺)
         if func in TRACED_CONV_FUNCS:
             out = traced_conv(func, args, kwargs, (self.switch, self.zswitch))
         elif func is F.batch_norm and TRACED_BATCH_NORM:
-            out = traced_batch_norm(args, kwargs, (self.switch, self.zswitch), self.backend)
+            out = traced_batch_norm(args, kwargs, (self.switch, self.zswitch), self.backend, self._bn_stats)
         elif self.zswitch is not None and func in NONNEG_LINEAR_FUNCS and args and self._signed_input(args[0]):
             out = self._zplus_nonneg_linear(func, args, kwargs)
         else:
@@ -318,7 +321,7 @@ class _Interceptor(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             rec = self._zb_by_out.get(id(x))
             if rec is not None and rec.output is x and rec.bn is None:
-                rec.bn = _call_args(_BN_ARGS, args, kwargs)
+                rec.bn = {**_call_args(_BN_ARGS, args, kwargs), **self._bn_stats}
                 rec.bn_output = out
                 rec.version = out._version
                 self._zb_by_out[id(out)] = rec
@@ -715,7 +718,7 @@ class _Interceptor(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             rec = self.records[-1]
             if _deref(getattr(x, "_fisnet_tap", None)) is rec and rec.bn is None:
-                rec.bn = _call_args(_BN_ARGS, args, kwargs)
+                rec.bn = {**_call_args(_BN_ARGS, args, kwargs), **self._bn_stats}
                 rec.bn_raw = out
                 out = ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
                 rec.bn_tapped, rec.bn_tap_version = out, out._version

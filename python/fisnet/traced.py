@@ -32,7 +32,7 @@ weights of another dtype than the input, and a momentum of None.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +105,11 @@ class TracedBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps, ctx.switches, ctx.heatmap_bwd = eps, switches, heatmap_bwd
         ctx.has_bias = bias is not None
-        return out
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd  # the batch statistics for the trace's BatchNorm folding (values only)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_mean=None, _g_invstd=None):
         x, w, mean, invstd = ctx.saved_tensors
         none = (None,) * 6
         if _heatmap_mode(ctx.switches):
@@ -124,9 +125,11 @@ class TracedBatchNorm(torch.autograd.Function):
 _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
-def traced_batch_norm(args, kwargs, switches: Sequence, backend=None) -> torch.Tensor:
+def traced_batch_norm(args, kwargs, switches: Sequence, backend=None, stats: Optional[dict] = None) -> torch.Tensor:
     """Call F.batch_norm(*args, **kwargs) as `TracedBatchNorm` when it normalises with batch
-    statistics, plainly otherwise (see the module docstring)."""
+    statistics, plainly otherwise (see the module docstring).  `stats`, if given, receives the batch
+    statistics the forward used ("batch_mean", "batch_invstd"; not differentiable) when it is the
+    former, so that folding this BatchNorm need not compute them again (rules._bn_statistics)."""
     vals = dict(zip(_BN_NAMES, args))
     vals.update(kwargs)
     x, w, b = vals.get("input"), vals.get("weight"), vals.get("bias")
@@ -140,5 +143,8 @@ def traced_batch_norm(args, kwargs, switches: Sequence, backend=None) -> torch.T
             or torch.is_autocast_enabled(x.device.type)):
         return F.batch_norm(*args, **kwargs)
     heatmap_bwd = fisnet_ext.bn_heatmap_backward(x.device, backend)
-    return TracedBatchNorm.apply(x, w, b, rm if training else None, rv if training else None, float(momentum),
-                                 float(eps), tuple(switches), heatmap_bwd)
+    out, mean, invstd = TracedBatchNorm.apply(x, w, b, rm if training else None, rv if training else None,
+                                              float(momentum), float(eps), tuple(switches), heatmap_bwd)
+    if stats is not None:
+        stats["batch_mean"], stats["batch_invstd"] = mean, invstd
+    return out

@@ -309,19 +309,72 @@ def test_zb_ratio_with_bound_term_gradcheck(seed):
                     torch.testing.assert_close(g_, w_, **TOL)
 
 
-def test_batch_var_keeps_only_its_input(seed):
-    """The folded BatchNorm's batch variance (rules._BatchVar): the biased variance in value, first and
-    second derivatives (gradcheck, gradgradcheck), and its graph saves the input itself, not x − μ."""
-    from fisnet.rules import _BatchVar
+def test_batch_stats_keep_only_their_input(seed):
+    """The folded BatchNorm's batch statistics (rules._BatchStats): the mean and biased variance in value,
+    computed or taken from the forward's own (mean, invstd), with first and second derivatives
+    (gradcheck, gradgradcheck) of both, and a graph that saves the input itself, not x − μ."""
+    from fisnet.rules import _BatchStats
     for shape, dims in (((5, 3, 4, 2), (0, 2, 3)), ((6, 4), (0,)), ((3, 2, 5), (0, 2))):
         x = torch.randn(shape, dtype=DT, requires_grad=True)
-        torch.testing.assert_close(_BatchVar.apply(x, dims), x.var(dim=dims, unbiased=False), **TOL)
-        assert torch.autograd.gradcheck(lambda t: _BatchVar.apply(t, dims), (x,))
-        assert torch.autograd.gradgradcheck(lambda t: _BatchVar.apply(t, dims), (x,))
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            _BatchVar.apply(x, dims)
-        assert len(saved) == 1 and saved[0] is x
+        want = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
+        eps = 1e-3
+        invstd = (want[1] + eps).rsqrt().detach()
+        def given(t):  # the forward BatchNorm's own statistics of t: values only, as the trace hands them over
+            return (t.mean(dim=dims).detach(), (t.var(dim=dims, unbiased=False) + eps).rsqrt().detach(), eps)
+
+        assert torch.equal(given(x)[1], invstd)
+        for stats in (lambda t: (), given):
+            got = _BatchStats.apply(x, dims, *stats(x))
+            for g_, w_ in zip(got, want):
+                torch.testing.assert_close(g_, w_, **TOL)
+            f = lambda t: _BatchStats.apply(t, dims, *stats(t))  # noqa: E731
+            assert torch.autograd.gradcheck(f, (x,)) and torch.autograd.gradgradcheck(f, (x,))
+            for k in (0, 1):  # each output alone (the other's gradient None)
+                assert torch.autograd.gradcheck(lambda t: _BatchStats.apply(t, dims, *stats(t))[k], (x,))
+            extra = stats(x)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                _BatchStats.apply(x, dims, *extra)
+            assert len(saved) == 1 and saved[0] is x
+
+
+def test_trace_folds_batchnorm_with_the_forward_statistics(monkeypatch, seed):
+    """The trace hands the BatchNorm's own batch statistics to the fold (no recomputation) and the maps
+    and heatmap-loss gradients equal those of the fold that recomputes them."""
+    import torch.nn as nn
+    import fisnet.lrp as lrp
+    import fisnet.rules as rules
+    from fisnet.lrp import trace
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                      nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(5, 3)).to(DT).train()
+    x = torch.rand(4, 3, 6, 6, dtype=DT)
+    seen = []
+    real = rules._bn_statistics
+
+    def spy(bn, conv_out):
+        seen.append("batch_mean" in bn)
+        return real(bn, conv_out)
+
+    monkeypatch.setattr(rules, "_bn_statistics", spy)
+    results = []
+    for keep in (True, False):
+        if not keep:  # the fold computing the statistics itself
+            monkeypatch.setattr(rules, "_bn_statistics", lambda bn, c: real(
+                {k: v for k, v in bn.items() if k not in ("batch_mean", "batch_invstd")}, c))
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        t = trace(m, x, eps=0.05)
+        R = t.relevance(t.logits[:, :1], create_graph=True)["input"]
+        loss = (R.abs() * torch.linspace(0, 1, 6, dtype=DT)).sum()
+        grads = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+        results.append((R.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, m.parameters())]))
+        m.load_state_dict(state)  # the same running statistics for the second trace
+    assert seen and all(seen)
+    (r0, g0), (r1, g1) = results
+    torch.testing.assert_close(r0, r1, **TOL)
+    for a_, b_ in zip(g0, g1):
+        torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("bn", [True, False])
