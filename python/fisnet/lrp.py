@@ -84,6 +84,12 @@ GATE_FUNCS = {torch.sigmoid: "torch.sigmoid", _T.sigmoid: "Tensor.sigmoid", F.si
               F.hardsigmoid: "F.hardsigmoid"}
 ATTENTION_FUNCS = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
 MUL_FUNCS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply, _T.multiply}
+# attention written by hand, softmax(q kᵀ ...) v: its two matrix products and its softmax
+MATMUL_FUNCS = {torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm}
+SOFTMAX_FUNCS = {torch.softmax, _T.softmax, F.softmax}
+_SCORES_HOW = ("is supported only as attention scores: scaled, masked (constants) and passed to a softmax whose "
+               "output multiplies the values (softmax(q @ k.transpose(-2, -1) * scale) @ v); use "
+               "F.scaled_dot_product_attention or nn.MultiheadAttention otherwise")
 # residual sums the z⁺ rule treats as one layer with their branches (out-of-place forms, and
 # `out += identity`, whose result Python binds to `out`)
 # linear with non-negative coefficients: in a Dual trace, an input of either sign gets the z⁺ rule
@@ -238,6 +244,10 @@ class _Interceptor(TorchFunctionMode):
         self.n_relu = 0
         self.act_bytes = 0  # the largest ReLU output per image, in bytes (sizes the seed chunks)
         self.pending: Optional[Exception] = None  # a refusal raised inside a binary operator
+        # attention written by hand: products of two input-dependent tensors that may be attention
+        # scores (q kᵀ; and what linear ops with constants make of them), and softmaxes of such scores
+        self._scores: Dict[int, weakref.ref] = {}
+        self._weights: Dict[int, weakref.ref] = {}
 
     # -- input dependence -----------------------------------------------------------------
     def _tainted(self, t) -> bool:
@@ -268,6 +278,10 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.watch and args:
             self._before_inplace(func, args, kwargs)
+        if func in MATMUL_FUNCS or func in SOFTMAX_FUNCS or self._scores or self._weights:
+            out = self._handwritten_attention(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         if func in RELU_FUNCS:
             return self._relu(func, args, kwargs)
         if func in ACT_FUNCS:
@@ -539,6 +553,81 @@ class _Interceptor(TorchFunctionMode):
             self._mark(out)
             return out
         return self._mha(func, args, kwargs)
+
+    # -- attention written by hand: softmax(q kᵀ·scale + mask) v --------------------------------
+    @staticmethod
+    def _in(table: Dict[int, weakref.ref], t) -> bool:
+        r = table.get(id(t))
+        return r is not None and r() is t
+
+    def _handwritten_attention(self, func, args, kwargs):
+        """The attention rule (kind "attention") for attention written by hand.  A product of two
+        input-dependent tensors (matmul/bmm) is taken as attention scores q kᵀ; scores may pass
+        through linear ops with constants (a scale, a mask) and must end in a softmax, whose output A
+        is the attention weights; A's product with the values is the attention output.  "cp": A is
+        held in heatmap backwards (q and k get nothing, v gets Aᵀ G); "attnlrp": the uniform rule at
+        both products (each operand's heatmap gradient halved: q, k 1/4 and v 1/2 in all, as
+        `_sdpa`).  Any other use of the scores is refused.  Returns NotImplemented when the call is
+        none of these (the ordinary path)."""
+        tainted = [t for t in _tensors(args) if self._tainted(t)]
+        tainted += [t for t in _tensors(list(kwargs.values())) if self._tainted(t)]
+        scores = [t for t in tainted if self._in(self._scores, t)]
+        rule = self.rules["attention"]
+        if scores and func in SOFTMAX_FUNCS and len(tainted) == 1:
+            self.zmode.matched = True
+            a = func(*args, **kwargs)
+            if rule == "cp":
+                a = self._hold(a)
+            self._mark(a)
+            self._weights[id(a)] = weakref.ref(a)
+            return a
+        one_linear = len(tainted) == 1 and (func in optable.LINEAR or func in optable.PRODUCTS or (
+            func in optable.DIVISIONS and not self._tainted(args[1] if len(args) > 1 else kwargs.get("other"))))
+        if scores:
+            if not one_linear or func in MATMUL_FUNCS:
+                self._refuse(func, "a product of two input-dependent tensors (q @ kᵀ) " + _SCORES_HOW)
+                return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._mark(out)
+            for o in _tensors(out):
+                self._scores[id(o)] = weakref.ref(o)
+            return out
+        if one_linear and func not in MATMUL_FUNCS and self._in(self._weights, tainted[0]):
+            out = func(*args, **kwargs)  # a view, copy or dropout of A is still A (held under cp)
+            self._mark(out)
+            for o in _tensors(out):
+                if o.is_floating_point():
+                    self._weights[id(o)] = weakref.ref(o)
+            return out
+        if func not in MATMUL_FUNCS or len(tainted) != 2 or len(args) < 2 or kwargs:
+            return NotImplemented
+        x, y = args[0], args[1]
+        if rule == "gradient":
+            return NotImplemented  # refused as a product, as without a rule
+        self.zmode.matched = True
+        weights = [t for t in (x, y) if self._in(self._weights, t)]
+        if weights:  # A v (or v A): linear in the values with A held (cp); uniform (attnlrp)
+            if rule == "attnlrp":
+                x = _HeatmapScale.apply(x, 0.5, self.switches)
+                y = _HeatmapScale.apply(y, 0.5, self.switches)
+                out = func(x, y)
+            elif len(weights) == 1 and self.zswitch is not None:
+                w = weights[0]
+                other = y if w is x else x
+                f = (lambda t: func(w, t)) if w is x else (lambda t: func(t, w))
+                # the z⁺ pass: linear in the values with A ≥ 0 held, as at average pooling
+                out = self._zplus_split(f, other) if bool((other < 0).any()) else f(other)
+            else:
+                out = func(x, y)
+            self._mark(out)
+            return out
+        if rule == "attnlrp":  # the scores' product: the uniform rule
+            x = _HeatmapScale.apply(x, 0.5, self.switches)
+            y = _HeatmapScale.apply(y, 0.5, self.switches)
+        out = func(x, y)
+        self._mark(out)
+        self._scores[id(out)] = weakref.ref(out)
+        return out
 
     def _mha(self, func, args, kwargs):
         """F.multi_head_attention_forward (nn.MultiheadAttention's slow path, which the trace always
@@ -1207,6 +1296,9 @@ def trace(model: nn.Module, x: torch.Tensor, *, eps: float = 1e-2, zb: bool = Tr
         logits = model(x_in)
     if mode.pending is not None:
         raise mode.pending
+    if isinstance(logits, torch.Tensor) and mode._in(mode._scores, logits):
+        raise UnsupportedActivationError(
+            "the model returns a product of two input-dependent tensors (q @ kᵀ): it " + _SCORES_HOW)
     outputs = {name: outputs[name] for name in layers if name in outputs}  # the order asked for
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model returned {type(logits).__name__}; fisnet expects a logits tensor (B, K)")

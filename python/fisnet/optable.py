@@ -97,7 +97,8 @@ NO_RULE: Dict[Callable, str] = _funcs(
          "__abs__ sign"),
 )
 _HINT = {
-    "softmax": "return logits (the ISNet and explain take softmaxes themselves); attention has no rule yet",
+    "softmax": "return logits (the ISNet and explain take softmaxes themselves); for attention use "
+               "F.scaled_dot_product_attention, nn.MultiheadAttention or softmax(q @ k.transpose(-2, -1) * s) @ v",
     "attention": "attention has no LRP rule in fisnet yet (the cp/attnlrp rules are planned)",
     "norm": "the rule table treats F.layer_norm/F.group_norm/F.instance_norm/F.rms_norm (σ held constant); "
             "call those (or nn.LayerNorm/GroupNorm/InstanceNorm) rather than this form",
