@@ -38,7 +38,7 @@ PACKAGE = ROOT / "python" / "fisnet"
 
 # the quick subset: closed forms, invariants, variants, the loss, and the mutant killers
 DEFAULT_TESTS = ["tests/fisnet/test_mutants.py", "tests/fisnet/test_zplus_signed.py", "tests/fisnet/test_loss.py",
-                 "tests/fisnet/test_lrp.py", "tests/fisnet/test_rules_zb.py",
+                 "tests/fisnet/test_lrp.py", "tests/fisnet/test_rules_zb.py", "tests/fisnet/test_rules_attention.py",
                  "tests/fisnet/test_variants.py"]
 # ...less the slow ones (each over 20 s on the 2-core VM under load): every backbone x variant,
 # the ResNet-18 two-slot pass, the end-to-end gradgradcheck, the tune-cuts training
@@ -144,6 +144,14 @@ MUTANTS: List[Mutant] = [
            "keep = ((a < 0) if ctx.positive else (a > 0)).to(g.dtype)",
            "sign-matched z⁺ at pooling/attention/bias adds: the two input signs swapped"),
     # lrp.py
+    Mutant("attention-hand-not-held", "lrp.py",
+           "            if rule == \"cp\":\n                a = self._hold(a)",
+           "            if rule == \"held\":\n                a = self._hold(a)",
+           "attention written by hand: cp does not hold A (q and k get relevance)"),
+    Mutant("attention-hand-misuse-accepted", "lrp.py",
+           "            if not one_linear or func in MATMUL_FUNCS:",
+           "            if False:",
+           "attention written by hand: other uses of the scores q kᵀ accepted as linear"),
     Mutant("eps-negative-accepted", "lrp.py",
            "if not eps >= 0:",
            "if not eps >= -1:",

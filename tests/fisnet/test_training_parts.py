@@ -291,3 +291,62 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(got["ddp"][k], ref, rtol=0, atol=1e-10, msg=k)
         torch.testing.assert_close(got["ddp"][k], got["manual"][k], rtol=0, atol=1e-12, msg=k)
     assert got["loss_ddp"] == pytest.approx(single.history[0]["train_loss"], rel=1e-12, abs=0)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def test_interrupt_flag_defers_sigint_to_check_and_restores_the_handler():
+    """SIGINT inside `deferred()` sets the flag (no exception where it lands, e.g. in a finaliser), `check()`
+    raises KeyboardInterrupt; a second SIGINT before the check raises at once; the handler is restored."""
+    import os
+    import signal
+    from fisnet.training.interrupt import InterruptFlag
+    before = signal.getsignal(signal.SIGINT)
+    flag = InterruptFlag()
+    with pytest.raises(KeyboardInterrupt):
+        with flag.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert flag.requested  # delivered, deferred
+            with pytest.raises(KeyboardInterrupt):
+                flag.check()
+            assert not flag.requested
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # pressed twice: raises here
+            pytest.fail("the second SIGINT did not raise")
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not flag.requested
+    with pytest.raises(KeyboardInterrupt):
+        with flag.deferred():  # a SIGINT during the last stage is raised on leaving
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_trainer_stops_at_the_next_batch_after_sigint(tmp_path):
+    """A SIGINT that lands in the middle of a batch (here: in the dataset's __getitem__) stops `fit` with
+    KeyboardInterrupt at the next batch boundary, not later and not lost; SIGINT's handler is restored."""
+    import os
+    import signal
+    from fisnet.models import small_cnn
+    from fisnet.train import Trainer, TrainConfig
+
+    class DS(torch.utils.data.Dataset):
+        def __init__(self):
+            self.calls = 0
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            self.calls += 1
+            if self.calls == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            return torch.rand(1, 8, 8), torch.ones(1, 8, 8), torch.tensor(i % 2)
+
+    ds = DS()
+    tr = Trainer(small_cnn(num_classes=2, in_channels=1, width=2), ds, None, None,
+                 TrainConfig(epochs=3, P=0.0, batch_size=4, progress=False, verbose=False))
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert ds.calls <= 8  # batch 2 (items 5-8) was the last one loaded
+    assert tr.epoch == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
