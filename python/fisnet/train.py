@@ -75,7 +75,6 @@ from .training.config import RESUME_FREE, CheckpointError, RunExistsError, Train
 from .training.data import check_global_batch, make_loader, to_device
 from .training.device import autocast, choose_device, make_deterministic, mixed_precision, resolve_device
 from .training.logs import progress_bar, show_interval, summary_line, tty, write_logs
-from .training.interrupt import InterruptFlag
 from .training.sums import StepSums
 from .variants import ISNet, ISNetOutput
 
@@ -341,7 +340,6 @@ class Trainer:
         n_seen = 0
         t0 = time.perf_counter()
         for batch in (bar if bar is not None else self.loader):
-            self._interrupt.check()
             x, m, y = to_device(batch, self.device)
             try:
                 loss, gnorm = self._step(x, m, y, P, e)
@@ -413,25 +411,9 @@ class Trainer:
         return res
 
     def fit(self) -> List[Dict[str, Any]]:
-        """Train to ``cfg.epochs``, evaluating and checkpointing after every epoch.  Ctrl-C (SIGINT)
-        ends it with KeyboardInterrupt at the next batch or stage boundary (training.interrupt),
-        after the last complete epoch's checkpoint."""
-        with self._interrupt.deferred():
-            return self._fit()
-
-    @property
-    def _interrupt(self) -> InterruptFlag:
-        flag = self.__dict__.get("_interrupt_flag")
-        if flag is None:
-            flag = self.__dict__["_interrupt_flag"] = InterruptFlag()
-        return flag
-
-    def _fit(self) -> List[Dict[str, Any]]:
         cfg = self.cfg
         while self.epoch < cfg.epochs:
-            self._interrupt.check()
             row = self.train_epoch()
-            self._interrupt.check()
             if not self._weights_finite():  # same weights on every rank: all stop together
                 self._diverged("the weights are not finite at the end of the epoch")
             if self.rank == 0 and self.test_sets:
@@ -446,7 +428,6 @@ class Trainer:
                 if self.out is not None:
                     self._write_logs()
                     self.save()
-            self._interrupt.check()
             if self.world > 1:
                 _ddp.barrier()
         return self.history
