@@ -291,4 +291,3 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(got["ddp"][k], ref, rtol=0, atol=1e-10, msg=k)
         torch.testing.assert_close(got["ddp"][k], got["manual"][k], rtol=0, atol=1e-12, msg=k)
     assert got["loss_ddp"] == pytest.approx(single.history[0]["train_loss"], rel=1e-12, abs=0)
-
