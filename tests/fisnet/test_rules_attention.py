@@ -194,10 +194,14 @@ class Misused(nn.Module):
             return self.fc(torch.relu(s).sum(1).repeat(1, 2))
         if self.how == "residual":
             return self.fc((s.sum(-1, keepdim=True) + t).sum(1))
+        if self.how == "relu_then_softmax":  # a non-linear op between the product and the softmax
+            return self.fc((torch.softmax(torch.relu(s), dim=-1) @ t).sum(1))
+        if self.how == "activation_added_then_softmax":  # scores plus another activation
+            return self.fc((torch.softmax(s + t[..., :2], dim=-1) @ t).sum(1))
         raise ValueError(self.how)
 
 
-@pytest.mark.parametrize("how", ["returned", "relu", "residual"])
+@pytest.mark.parametrize("how", ["returned", "relu", "residual", "relu_then_softmax", "activation_added_then_softmax"])
 def test_scores_used_otherwise_are_refused(how):
     net = Misused(how).to(DT)
     x = torch.rand(2, 1, 2, 2, dtype=DT)
