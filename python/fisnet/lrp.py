@@ -250,9 +250,14 @@ class _Interceptor(TorchFunctionMode):
         self._weights: Dict[int, weakref.ref] = {}
 
     # -- input dependence -----------------------------------------------------------------
-    def _tainted(self, t) -> bool:
-        r = self._taint.get(id(t))
+    @staticmethod
+    def _in(table: Dict[int, weakref.ref], t) -> bool:
+        """`t` itself (not a later tensor at the same address) is in an id → weakref table."""
+        r = table.get(id(t))
         return r is not None and r() is t
+
+    def _tainted(self, t) -> bool:
+        return self._in(self._taint, t)
 
     def _mark(self, out) -> None:
         for o in _tensors(out):
@@ -555,11 +560,6 @@ class _Interceptor(TorchFunctionMode):
         return self._mha(func, args, kwargs)
 
     # -- attention written by hand: softmax(q kᵀ·scale + mask) v --------------------------------
-    @staticmethod
-    def _in(table: Dict[int, weakref.ref], t) -> bool:
-        r = table.get(id(t))
-        return r is not None and r() is t
-
     def _handwritten_attention(self, func, args, kwargs):
         """The attention rule (kind "attention") for attention written by hand.  A product of two
         input-dependent tensors (matmul/bmm) is taken as attention scores q kᵀ; scores may pass
@@ -605,28 +605,22 @@ class _Interceptor(TorchFunctionMode):
         if rule == "gradient":
             return NotImplemented  # refused as a product, as without a rule
         self.zmode.matched = True
+        # A v (or v A) when an operand is attention weights, else the scores q kᵀ
         weights = [t for t in (x, y) if self._in(self._weights, t)]
-        if weights:  # A v (or v A): linear in the values with A held (cp); uniform (attnlrp)
-            if rule == "attnlrp":
-                x = _HeatmapScale.apply(x, 0.5, self.switches)
-                y = _HeatmapScale.apply(y, 0.5, self.switches)
-                out = func(x, y)
-            elif len(weights) == 1 and self.zswitch is not None:
-                w = weights[0]
-                other = y if w is x else x
-                f = (lambda t: func(w, t)) if w is x else (lambda t: func(t, w))
-                # the z⁺ pass: linear in the values with A ≥ 0 held, as at average pooling
-                out = self._zplus_split(f, other) if bool((other < 0).any()) else f(other)
-            else:
-                out = func(x, y)
-            self._mark(out)
-            return out
-        if rule == "attnlrp":  # the scores' product: the uniform rule
+        if rule == "attnlrp":  # the uniform rule at either product
             x = _HeatmapScale.apply(x, 0.5, self.switches)
             y = _HeatmapScale.apply(y, 0.5, self.switches)
-        out = func(x, y)
+        if rule == "cp" and len(weights) == 1 and self.zswitch is not None:
+            w = weights[0]
+            other = y if w is x else x
+            f = (lambda t: func(w, t)) if w is x else (lambda t: func(t, w))
+            # the z⁺ pass: linear in the values with A ≥ 0 held, as at average pooling
+            out = self._zplus_split(f, other) if bool((other < 0).any()) else f(other)
+        else:
+            out = func(x, y)
         self._mark(out)
-        self._scores[id(out)] = weakref.ref(out)
+        if not weights:
+            self._scores[id(out)] = weakref.ref(out)
         return out
 
     def _mha(self, func, args, kwargs):
@@ -710,8 +704,7 @@ class _Interceptor(TorchFunctionMode):
         return y
 
     def _is_gate(self, t) -> bool:
-        r = self._gates.get(id(t))
-        return r is not None and r() is t
+        return self._in(self._gates, t)
 
     def _hold_gates(self, args):
         """signal × gate: the gate held constant in heatmap backwards (the "constant_gate" rule)."""
@@ -1007,11 +1000,9 @@ class LRPTrace:
 
     def _zb(self, rec: _ZbLayer, out: dict, key: str) -> torch.Tensor:
         """The Zb rule from R_out (popped from `out[key]`) at `rec`'s output to the input it read
-        (mapped back through F.pad).  The layer's output as the forward computed it is Zb's `z_full`
-        (one convolution saved); when an in-place op (a ReLU after the BatchNorm) has overwritten it,
-        it is recomputed from the conv output in one element-wise pass (`fold_batchnorm_for_zb`).
-        R_out and a recomputed z_full live only inside `_zb_ratio`: gone before the transposed
-        convolution runs (at ResNet-18's 64-channel first layer they are the step's largest tensors)."""
+        (mapped back through F.pad).  Zb's `z_full` is chosen in `_zb_ratio`; R_out and a recomputed
+        z_full live only there: gone before the transposed convolution runs (at ResNet-18's 64-channel
+        first layer they are the step's largest tensors)."""
         a = rec.input
         x = self.x
         low, high, low_b, high_b = bound_images(self.bounds, x)
@@ -1032,7 +1023,10 @@ class LRPTrace:
         return r.reshape((B, M) + tuple(x.shape[1:]))
 
     def _zb_ratio(self, rec: _ZbLayer, out: dict, key: str, low, high, low_b, high_b):
-        """(folded layer, s, kept, (B, M)) of `zb_ratio` for `rec`, with R_out popped from `out`."""
+        """(folded layer, s, kept, (B, M)) of `zb_ratio` for `rec`, with R_out popped from `out`.
+        `z_full` is the layer's output as the forward computed it (one convolution saved), or the
+        in-place ReLU's output that overwrote it (below), or else recomputed from the conv output in
+        one element-wise pass (`fold_batchnorm_for_zb`; a convolution without BatchNorm)."""
         y = rec.relu_output
         # An in-place ReLU overwrote z (the layer / BatchNorm output) with y = max(z, 0).  Where the
         # ReLU is off, R_out = y·G = 0, so s = R_out / z_s = 0 whatever z is there, and so are the

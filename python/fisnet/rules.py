@@ -264,16 +264,18 @@ class ZbRatio(torch.autograd.Function):
     def backward(ctx, g, g_zs):
         s, zs = ctx.saved_tensors
         want_z = any(ctx.needs_input_grad[1:2] + ctx.needs_input_grad[3:])
+        gr = gz = None
         if g is None:
             gz = g_zs
         else:
-            gz = None
+            gr = g / zs.unsqueeze(1)
             if want_z:
-                gs = g / zs.unsqueeze(1) * s
+                gs = gr * s
                 gz = (gs.squeeze(1) if gs.shape[1] == 1 else gs.sum(1)).neg_()  # in place: one full tensor less
                 if g_zs is not None:
                     gz = gz + g_zs
-        gr = None if g is None or not ctx.needs_input_grad[0] else g / zs.unsqueeze(1)
+            if not ctx.needs_input_grad[0]:
+                gr = None
         gcs = [-gz.sum_to_size(shape) if need and gz is not None else None
                for shape, need in zip(ctx.c_shapes, ctx.needs_input_grad[3:])]
         return (gr, (gz if ctx.needs_input_grad[1] else None), None, *gcs)

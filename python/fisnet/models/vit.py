@@ -234,7 +234,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image {H}x{W} is smaller than one {p}x{p} patch; use a smaller patch_size")
         x = self.conv_proj(x)
         h, w = x.shape[-2:]
-        if H >= p and W >= p and (h, w) != (H // p, W // p):
+        if (h, w) != (H // p, W // p):  # a conv stem whose strides do not tile the image like the patches
             raise ValueError(f"the patch embedding made a {h}x{w} grid of a {H}x{W} image, not {H // p}x{W // p}")
         return x.reshape(n, self.hidden_dim, h * w).permute(0, 2, 1), (h, w)
 
