@@ -191,9 +191,12 @@ class _LRPAct(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.args = (kind, param, eps)
         ctx.switch, ctx.ops = switch, ops
+        ctx.set_materialize_grads(False)  # no gradient at the output: none to the input, no kernel
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 6
         (x,) = ctx.saved_tensors
         return (act_backward(ctx.switch, ctx.ops, grad, x, *ctx.args),) + (None,) * 5
 

@@ -196,9 +196,12 @@ class _LRPReLU(torch.autograd.Function):
         ctx.eps = eps
         ctx.switch = switch
         ctx.fam = fam
+        ctx.set_materialize_grads(False)  # no gradient at the output: none to the input, no kernel
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
         (x,) = ctx.saved_tensors
         return relu_backward(ctx.switch, ctx.fam, grad, x, ctx.eps), None, None, None
 
@@ -216,10 +219,13 @@ class _LRPReLUInplace(torch.autograd.Function):
         ctx.mark_dirty(x)
         ctx.save_for_backward(x)
         ctx.eps, ctx.switch, ctx.fam = eps, switch, fam
+        ctx.set_materialize_grads(False)
         return x
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
         (y,) = ctx.saved_tensors
         return relu_backward(ctx.switch, ctx.fam, grad, y, ctx.eps), None, None, None
 

@@ -1137,10 +1137,13 @@ class _HeatmapScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, c, switches):
         ctx.c, ctx.switches = c, switches
+        ctx.set_materialize_grads(False)
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, g):
+        if g is None:
+            return None, None, None
         if any(s.active for s in ctx.switches):
             return g * ctx.c, None, None
         return g, None, None

@@ -58,13 +58,18 @@ class TracedConv(torch.autograd.Function):
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.switches = switches
+        # no gradient reached the output (e.g. the z⁺ pass, whose taps send nothing through the
+        # layer): nothing to do, rather than a transposed convolution of materialised zeros
+        ctx.set_materialize_grads(False)
         return _CONV_OF_ND[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, g):
+        none = (None,) * 5
+        if g is None:
+            return (None, None, None) + none
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        none = (None,) * 5
         if _heatmap_mode(ctx.switches):
             gx = conv_input_grad(g, w, x.shape, stride, padding, dilation, groups) if ctx.needs_input_grad[0] \
                 else None
@@ -106,12 +111,15 @@ class TracedBatchNorm(torch.autograd.Function):
         ctx.eps, ctx.switches, ctx.heatmap_bwd = eps, switches, heatmap_bwd
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # no gradient at the output: nothing to do (see TracedConv)
         return out, mean, invstd  # the batch statistics for the trace's BatchNorm folding (values only)
 
     @staticmethod
     def backward(ctx, g, _g_mean=None, _g_invstd=None):
-        x, w, mean, invstd = ctx.saved_tensors
         none = (None,) * 6
+        if g is None:
+            return (None, None, None) + none
+        x, w, mean, invstd = ctx.saved_tensors
         if _heatmap_mode(ctx.switches):
             if not ctx.needs_input_grad[0]:
                 return (None, None, None) + none

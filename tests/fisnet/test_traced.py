@@ -108,6 +108,36 @@ def test_isnet_step_equals_untraced(variant, dual_batched, which, seed, monkeypa
         torch.testing.assert_close(a, b)
 
 
+def test_zplus_pass_runs_no_kernel_on_a_missing_gradient(seed):
+    """The z⁺ pass sends nothing through a conv/BatchNorm layer's own backward (its taps route the
+    relevance to the layer input), so no convolution or BatchNorm backward may run on an all-zero
+    gradient there: a materialised zero used to cost a transposed convolution per layer, and its
+    weight gradient again in the training step's double backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    zero_inputs = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.convolution.default, aten.convolution_backward.default, aten.native_batch_norm_backward.default):
+                if isinstance(args[0], torch.Tensor) and args[0].numel() and not bool(args[0].any()):
+                    zero_inputs.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.rand(4, 3, 10, 10, dtype=torch.float64)
+    t = lrp.trace(model, x, zplus=True)
+    with Spy():
+        maps = t.relevance_zplus(create_graph=True)
+    assert maps["input"].abs().sum() > 0
+    assert zero_inputs == [], zero_inputs
+    # and the double backward of the map does no such work either
+    with Spy():
+        torch.autograd.grad(maps["input"].square().sum(), list(model.parameters()), allow_unused=True)
+    assert zero_inputs == [], zero_inputs
+
+
 def test_wrapper_is_used_and_left_for_string_padding(seed):
     calls = []
     orig = convfn.TracedConv.apply
