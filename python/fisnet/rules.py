@@ -104,41 +104,39 @@ def fold_batchnorm_as_used(layer: LinearLayer, bn: dict, conv_out: torch.Tensor)
 def _bn_statistics(bn: dict, conv_out: torch.Tensor):
     """(mean, var) a BatchNorm call used: the batch's (biased) in training mode or without running
     statistics, the running statistics otherwise.  The batch's are the forward's own when the trace
-    recorded them (`bn["batch_mean"]`, `bn["batch_invstd"]`, from `fisnet.traced.TracedBatchNorm`),
-    else computed from `conv_out`; either way differentiable in `conv_out` (`_BatchStats`)."""
+    recorded them (`bn["batch_mean"]`, `bn["batch_var"]`: outputs of `fisnet.traced.TracedBatchNorm`,
+    differentiable in the BatchNorm's input, their gradient added in its backward), else computed from
+    `conv_out` (`_BatchStats`, differentiable in `conv_out`)."""
     if bn.get("training", False) or bn.get("running_mean") is None:
-        dims = (0,) + tuple(range(2, conv_out.dim()))
-        mean, invstd = bn.get("batch_mean"), bn.get("batch_invstd")
-        if mean is not None and invstd is not None and mean.dtype == conv_out.dtype:
-            return _BatchStats.apply(conv_out, dims, mean, invstd, float(bn.get("eps", 1e-5)))
-        return _BatchStats.apply(conv_out, dims)
+        mean, var = bn.get("batch_mean"), bn.get("batch_var")
+        if mean is not None and var is not None and mean.dtype == conv_out.dtype:
+            return mean, var
+        return _BatchStats.apply(conv_out, (0,) + tuple(range(2, conv_out.dim())))
     return bn["running_mean"], bn["running_var"]
 
 
 class _BatchStats(torch.autograd.Function):
-    """(mean, biased variance) of `x` over `dims`, per channel, as a function of `x` alone.
+    """(mean, biased variance) of `x` over `dims`, per channel, as a function of `x` alone (the fold of
+    a BatchNorm whose statistics the trace did not record).
 
-    Values: computed here — `x.mean(dims)` and `(x − μ).square().mean(dims)`, two plain reductions
-    (torch.var_mean over several dims measured 13x slower on CPU: 1.2 ms against 0.09 ms for a
-    (32, 16, 32, 32) batch) — or, given the forward BatchNorm's own `mean` and `invstd`
-    (1/sqrt(var + eps)), taken from them: no pass over `x` at all.  Graph: it keeps only `x` (which
-    the BatchNorm keeps anyway), not the full-size `x − μ` that `square`'s backward would save, and
-    its backward, g_x = g_μ/n + 2 (x − μ) g_var / n with μ recomputed from x, is one expression in
-    differentiable torch ops (no materialised `expand / n` of mean's own backward), so higher
-    derivatives (the training step's double backward, gradgradcheck) work through it."""
+    Values: `x.mean(dims)` and `(x − μ).square().mean(dims)`, two plain reductions (torch.var_mean
+    over several dims measured 13x slower on CPU: 1.2 ms against 0.09 ms for a (32, 16, 32, 32)
+    batch).  Graph: it keeps only `x` (which the BatchNorm keeps anyway), not the full-size `x − μ`
+    that `square`'s backward would save, and its backward, g_x = g_μ/n + 2 (x − μ) g_var / n with μ
+    recomputed from x, is one expression in differentiable torch ops (no materialised `expand / n` of
+    mean's own backward), so higher derivatives (the training step's double backward,
+    gradgradcheck) work through it."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, dims, mean=None, invstd=None, eps=0.0):
-        if mean is not None:
-            return mean.clone(), invstd.pow(-2).sub_(eps)
+    def forward(x, dims):
         mu = x.mean(dim=dims, keepdim=True)
         return mu.reshape(-1), (x - mu).square_().mean(dim=dims)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, dims = inputs[:2]
+        x, dims = inputs
         ctx.dims = dims
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x)
@@ -157,7 +155,7 @@ class _BatchStats(torch.autograd.Function):
         if g_mean is not None:
             gm = (g_mean / n).reshape(kept)
             gx = gm.expand(x.shape) if gx is None else gx + gm
-        return gx, None, None, None, None
+        return gx, None
 
 
 def bound_images(bounds, x: torch.Tensor):

@@ -26,7 +26,8 @@ not a tensor.
 `fisnet_ext.bn_heatmap_backward`: its backend chosen when the forward runs), whose derivative is the
 fused `bn_train_bwd_bwd` (two passes over the data instead of PyTorch's
 `batchnorm_double_backward`, some thirty kernels; docs/status.md); ordinary backward
-`aten.native_batch_norm_backward`, PyTorch's own.  Eval-mode BatchNorm (running statistics) is
+`aten.native_batch_norm_backward`, PyTorch's own.  It also returns the batch mean and variance it
+used, differentiable, for the trace's BatchNorm folding.  Eval-mode BatchNorm (running statistics) is
 an affine map whose double backward is already cheap: left to PyTorch, as are autocast regions,
 weights of another dtype than the input, and a momentum of None.
 """
@@ -104,30 +105,59 @@ def _heatmap_mode(switches) -> bool:
 
 
 class TracedBatchNorm(torch.autograd.Function):
+    """(out, mean, var): the BatchNorm's output and the batch statistics it normalised with (mean and
+    biased variance per channel), all differentiable in x.  The statistics are the trace's BatchNorm
+    folding (`fisnet.rules._bn_statistics`): their gradient, which only the training step's final
+    backward brings, is added here, to x's own, as the per-channel affine term
+    g_μ/n + 2 (x − μ) g_var/n, so no full-size gradient of the fold waits on a separate node for the
+    backward to reach this layer (and no pass over x computes the statistics again)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, switches, heatmap_bwd):
         out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps, ctx.switches, ctx.heatmap_bwd = eps, switches, heatmap_bwd
         ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # no gradient at the output: nothing to do (see TracedConv)
-        return out, mean, invstd  # the batch statistics for the trace's BatchNorm folding (values only)
+        ctx.set_materialize_grads(False)  # no gradient at an output: nothing to do for it (see TracedConv)
+        return out, mean.clone(), invstd.pow(-2).sub_(eps)
 
     @staticmethod
-    def backward(ctx, g, _g_mean=None, _g_invstd=None):
-        none = (None,) * 6
-        if g is None:
-            return (None, None, None) + none
+    def backward(ctx, g, g_mean=None, g_var=None):
         x, w, mean, invstd = ctx.saved_tensors
-        if _heatmap_mode(ctx.switches):
-            if not ctx.needs_input_grad[0]:
-                return (None, None, None) + none
-            return (ctx.heatmap_bwd(g, x, w, ctx.eps), None, None) + none
-        mask = [ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, ctx.eps, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None) + none
+        gx = gw = gb = None
+        if g is not None:
+            if _heatmap_mode(ctx.switches):
+                if ctx.needs_input_grad[0]:
+                    gx = ctx.heatmap_bwd(g, x, w, ctx.eps)
+            else:
+                mask = [ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[1],
+                        ctx.has_bias and ctx.needs_input_grad[2]]
+                gx, gw, gb = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True,
+                                                                      ctx.eps, mask)
+                gx, gw, gb = (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
+        if (g_mean is not None or g_var is not None) and ctx.needs_input_grad[0]:
+            gx = _add_stats_grad(gx, x, mean, g_mean, g_var)
+        return (gx, gw, gb) + (None,) * 6
+
+
+def _add_stats_grad(gx: Optional[torch.Tensor], x: torch.Tensor, mean: torch.Tensor, g_mean: Optional[torch.Tensor],
+                    g_var: Optional[torch.Tensor]) -> torch.Tensor:
+    """gx + g_μ/n + 2 (x − μ) g_var/n per channel (n = elements per channel): the gradient at x of the
+    batch mean and biased variance, as x·a + b with a = 2 g_var/n, b = g_μ/n − μ·a.  In place on gx
+    (a fresh gradient) unless autograd records the backward (create_graph); then μ is recomputed from
+    x, as a function of x, so that the result's own derivative is exact (μ's dependence on x)."""
+    n = x.numel() // x.shape[1]
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if torch.is_grad_enabled():
+        mean = x.mean(dim=(0,) + tuple(range(2, x.dim())))
+    a = torch.zeros_like(mean) if g_var is None else g_var * (2.0 / n)
+    b = -mean * a if g_mean is None else g_mean / n - mean * a
+    a, b = a.reshape(shape).to(x.dtype), b.reshape(shape).to(x.dtype)
+    if gx is None:
+        return torch.addcmul(b, x, a)
+    if torch.is_grad_enabled():
+        return torch.addcmul(gx, x, a) + b
+    return gx.addcmul_(x, a).add_(b)
 
 
 _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -136,8 +166,8 @@ _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training
 def traced_batch_norm(args, kwargs, switches: Sequence, backend=None, stats: Optional[dict] = None) -> torch.Tensor:
     """Call F.batch_norm(*args, **kwargs) as `TracedBatchNorm` when it normalises with batch
     statistics, plainly otherwise (see the module docstring).  `stats`, if given, receives the batch
-    statistics the forward used ("batch_mean", "batch_invstd"; not differentiable) when it is the
-    former, so that folding this BatchNorm need not compute them again (rules._bn_statistics)."""
+    statistics the forward used ("batch_mean", "batch_var": biased; differentiable in the input) when
+    it is the former, so that folding this BatchNorm need not compute them again (rules._bn_statistics)."""
     vals = dict(zip(_BN_NAMES, args))
     vals.update(kwargs)
     x, w, b = vals.get("input"), vals.get("weight"), vals.get("bias")
@@ -151,8 +181,8 @@ def traced_batch_norm(args, kwargs, switches: Sequence, backend=None, stats: Opt
             or torch.is_autocast_enabled(x.device.type)):
         return F.batch_norm(*args, **kwargs)
     heatmap_bwd = fisnet_ext.bn_heatmap_backward(x.device, backend)
-    out, mean, invstd = TracedBatchNorm.apply(x, w, b, rm if training else None, rv if training else None,
-                                              float(momentum), float(eps), tuple(switches), heatmap_bwd)
+    out, mean, var = TracedBatchNorm.apply(x, w, b, rm if training else None, rv if training else None,
+                                           float(momentum), float(eps), tuple(switches), heatmap_bwd)
     if stats is not None:
-        stats["batch_mean"], stats["batch_invstd"] = mean, invstd
+        stats["batch_mean"], stats["batch_var"] = mean, var
     return out

@@ -310,32 +310,66 @@ def test_zb_ratio_with_bound_term_gradcheck(seed):
 
 
 def test_batch_stats_keep_only_their_input(seed):
-    """The folded BatchNorm's batch statistics (rules._BatchStats): the mean and biased variance in value,
-    computed or taken from the forward's own (mean, invstd), with first and second derivatives
-    (gradcheck, gradgradcheck) of both, and a graph that saves the input itself, not x − μ."""
+    """The folded BatchNorm's batch statistics computed by the fold (rules._BatchStats, for a BatchNorm
+    whose statistics the trace did not record): the mean and biased variance in value, with first and
+    second derivatives (gradcheck, gradgradcheck) of both, and a graph that saves the input itself,
+    not x − μ."""
     from fisnet.rules import _BatchStats
     for shape, dims in (((5, 3, 4, 2), (0, 2, 3)), ((6, 4), (0,)), ((3, 2, 5), (0, 2))):
         x = torch.randn(shape, dtype=DT, requires_grad=True)
         want = (x.mean(dim=dims), x.var(dim=dims, unbiased=False))
-        eps = 1e-3
-        invstd = (want[1] + eps).rsqrt().detach()
-        def given(t):  # the forward BatchNorm's own statistics of t: values only, as the trace hands them over
-            return (t.mean(dim=dims).detach(), (t.var(dim=dims, unbiased=False) + eps).rsqrt().detach(), eps)
+        got = _BatchStats.apply(x, dims)
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_, **TOL)
+        f = lambda t: _BatchStats.apply(t, dims)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x,)) and torch.autograd.gradgradcheck(f, (x,))
+        for k in (0, 1):  # each output alone (the other's gradient None)
+            assert torch.autograd.gradcheck(lambda t: _BatchStats.apply(t, dims)[k], (x,))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _BatchStats.apply(x, dims)
+        assert len(saved) == 1 and saved[0] is x
 
-        assert torch.equal(given(x)[1], invstd)
-        for stats in (lambda t: (), given):
-            got = _BatchStats.apply(x, dims, *stats(x))
-            for g_, w_ in zip(got, want):
-                torch.testing.assert_close(g_, w_, **TOL)
-            f = lambda t: _BatchStats.apply(t, dims, *stats(t))  # noqa: E731
-            assert torch.autograd.gradcheck(f, (x,)) and torch.autograd.gradgradcheck(f, (x,))
-            for k in (0, 1):  # each output alone (the other's gradient None)
-                assert torch.autograd.gradcheck(lambda t: _BatchStats.apply(t, dims, *stats(t))[k], (x,))
-            extra = stats(x)
-            saved = []
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                _BatchStats.apply(x, dims, *extra)
-            assert len(saved) == 1 and saved[0] is x
+
+@pytest.mark.parametrize("heatmap_switch_on", [False, True])
+def test_traced_batch_norm_statistics_outputs(heatmap_switch_on, seed):
+    """TracedBatchNorm's statistics outputs (the trace's BatchNorm folding): the batch mean and biased
+    variance in value, with first and second derivatives of the output and both statistics together
+    and of each alone (gradcheck, gradgradcheck; in the training step their gradient arrives in the
+    final backward, added to x's own).  With the heatmap switch on, the output's gradient is the
+    heatmap rule's (bn_train_bwd) and the statistics' gradient is still added exactly."""
+    import fisnet_ext
+    from fisnet.traced import TracedBatchNorm
+    sw = fisnet_ext.HeatmapSwitch()
+    hb = fisnet_ext.bn_heatmap_backward("cpu", "reference")
+    for shape in ((5, 3, 4, 2), (6, 4), (3, 2, 5)):
+        dims = (0,) + tuple(range(2, len(shape)))
+        x = torch.randn(shape, dtype=DT, requires_grad=True)
+        w = torch.rand(shape[1], dtype=DT, requires_grad=True)
+        b = torch.randn(shape[1], dtype=DT, requires_grad=True)
+        out, mean, var = TracedBatchNorm.apply(x, w, b, None, None, 0.1, 1e-3, (sw,), hb)
+        torch.testing.assert_close(mean, x.mean(dim=dims), **TOL)
+        torch.testing.assert_close(var, x.var(dim=dims, unbiased=False), **TOL)
+        torch.testing.assert_close(out, F.batch_norm(x, None, None, w, b, True, 0.1, 1e-3), **TOL)
+
+        def f(x, w, b, k=None):
+            outs = TracedBatchNorm.apply(x, w, b, None, None, 0.1, 1e-3, (sw,), hb)
+            return outs if k is None else outs[k]
+
+        if heatmap_switch_on:  # the statistics' gradient against autograd of x.mean / x.var, with the
+            # output's gradient the heatmap rule's: compared on a contraction
+            gm, gv, go = torch.randn_like(mean), torch.randn_like(var), torch.randn_like(out)
+            with sw:
+                o, m_, v_ = f(x, w, b)
+                got = torch.autograd.grad([o, m_, v_], x, [go, gm, gv])[0]
+            want = hb(go, x.detach(), w.detach(), 1e-3) + torch.autograd.grad(
+                [x.mean(dim=dims), x.var(dim=dims, unbiased=False)], x, [gm, gv])[0]
+            torch.testing.assert_close(got, want, **TOL)
+            continue
+        assert torch.autograd.gradcheck(f, (x, w, b)) and torch.autograd.gradgradcheck(f, (x, w, b))
+        for k in (1, 2):  # a statistic alone: the output's gradient None
+            assert torch.autograd.gradcheck(lambda t: f(t, w, b, k), (x,))
+            assert torch.autograd.gradgradcheck(lambda t: f(t, w, b, k), (x,))
 
 
 def test_trace_folds_batchnorm_with_the_forward_statistics(monkeypatch, seed):
@@ -362,7 +396,7 @@ def test_trace_folds_batchnorm_with_the_forward_statistics(monkeypatch, seed):
     for keep in (True, False):
         if not keep:  # the fold computing the statistics itself
             monkeypatch.setattr(rules, "_bn_statistics", lambda bn, c: real(
-                {k: v for k, v in bn.items() if k not in ("batch_mean", "batch_invstd")}, c))
+                {k: v for k, v in bn.items() if k not in ("batch_mean", "batch_var")}, c))
         state = {k: v.clone() for k, v in m.state_dict().items()}
         t = trace(m, x, eps=0.05)
         R = t.relevance(t.logits[:, :1], create_graph=True)["input"]
