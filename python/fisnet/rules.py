@@ -77,19 +77,25 @@ def conv_input_grad(g: torch.Tensor, weight: torch.Tensor, input_shape, stride, 
     return _CONV_T[nd](g, weight, None, tuple(stride), tuple(padding), out_pad, groups, tuple(dilation))
 
 
+def batchnorm_scale_shift(bias: Optional[torch.Tensor], mean, var, gamma, beta, bn_eps: float):
+    """(scale, b'): y = γ (z − μ)/σ + β of z = W a + b is z·scale + (b' − b·scale), i.e. the folded layer
+    W' = W·scale (per output channel), b' = γ(b − μ)/σ + β; scale = γ/σ, σ = sqrt(var + eps)."""
+    sigma = torch.sqrt(var + bn_eps)
+    scale = sigma.reciprocal() if gamma is None else gamma / sigma
+    b = torch.zeros_like(mean) if bias is None else bias
+    b = (b - mean) * scale
+    if beta is not None:
+        b = b + beta
+    return scale, b
+
+
 def fold_batchnorm(layer: LinearLayer, mean, var, gamma, beta, bn_eps: float) -> LinearLayer:
     """Fold y = γ (z − μ)/σ + β into the layer: W' = W·γ/σ, b' = γ(b − μ)/σ + β, σ = sqrt(var + eps).
 
     `mean`/`var` are the statistics the forward pass used: running statistics in eval mode,
     the batch's (biased) statistics in training mode."""
-    sigma = torch.sqrt(var + bn_eps)
-    scale = sigma.reciprocal() if gamma is None else gamma / sigma
-    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-    w = layer.weight * scale.reshape(shape)
-    b = torch.zeros_like(mean) if layer.bias is None else layer.bias
-    b = (b - mean) * scale
-    if beta is not None:
-        b = b + beta
+    scale, b = batchnorm_scale_shift(layer.bias, mean, var, gamma, beta, bn_eps)
+    w = layer.weight * scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
     return LinearLayer(layer.kind, w, b, layer.stride, layer.padding, layer.dilation, layer.groups, layer.pad)
 
 
@@ -99,6 +105,51 @@ def fold_batchnorm_as_used(layer: LinearLayer, bn: dict, conv_out: torch.Tensor)
     without running statistics, the running statistics otherwise."""
     mean, var = _bn_statistics(bn, conv_out)
     return fold_batchnorm(layer, mean, var, bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5)))
+
+
+def batchnorm_scale_shift_as_used(layer: LinearLayer, bn: dict, conv_out: torch.Tensor):
+    """`batchnorm_scale_shift` with the statistics the BatchNorm call used (see `fold_batchnorm_as_used`):
+    the folded layer without forming W·scale (`scaled_part` takes its signed parts from W and scale)."""
+    mean, var = _bn_statistics(bn, conv_out)
+    return batchnorm_scale_shift(layer.bias, mean, var, bn.get("weight"), bn.get("bias"), float(bn.get("eps", 1e-5)))
+
+
+class _ScaledPart(torch.autograd.Function):
+    """(W·scale)⁺ (`positive`) or (W·scale)⁻, scale per output channel (dim 0 of W), keeping only W and
+    scale for the backward: the full folded weight W·scale is neither kept nor, in the backward,
+    anything but a temporary (the z⁺ pass folds every BatchNorm: for ResNet-18 a second copy of its
+    weights per step).  Backward in differentiable ops on W and scale (the sign mask is constant), so
+    higher derivatives are exact."""
+
+    generate_vmap_rule = True  # built inside the two-slot pass's vmapped backward
+
+    @staticmethod
+    def forward(w, scale, positive):
+        ws = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+        return ws.clamp_(min=0) if positive else ws.clamp_(max=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        w, scale, positive = inputs
+        ctx.save_for_backward(w, scale)
+        ctx.positive = positive
+
+    @staticmethod
+    def backward(ctx, g):
+        w, scale = ctx.saved_tensors
+        s = scale.reshape((-1,) + (1,) * (w.dim() - 1))
+        ws = w * s
+        g = g * ((ws > 0) if ctx.positive else (ws < 0)).to(g.dtype)
+        gw = g * s if ctx.needs_input_grad[0] else None
+        gs = (g * w).sum(dim=tuple(range(1, w.dim()))) if ctx.needs_input_grad[1] else None
+        return gw, gs, None
+
+
+def scaled_part(w: torch.Tensor, scale: Optional[torch.Tensor], positive: bool) -> torch.Tensor:
+    """(W·scale)⁺ or (W·scale)⁻ (scale None: W's own parts), differentiable in W and scale."""
+    if scale is None:
+        return w.clamp(min=0) if positive else w.clamp(max=0)
+    return _ScaledPart.apply(w, scale, positive)
 
 
 def _bn_statistics(bn: dict, conv_out: torch.Tensor):

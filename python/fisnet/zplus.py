@@ -23,7 +23,7 @@ import torch
 
 import fisnet_ext
 
-from .rules import LinearLayer, fold_batchnorm_as_used
+from .rules import LinearLayer, batchnorm_scale_shift_as_used, scaled_part
 
 
 @dataclass
@@ -59,17 +59,30 @@ class LayerRecord:
         return self.conv_out if self.bn is None else self.bn_raw
 
 
-def folded(rec: LayerRecord) -> LinearLayer:
-    return rec.layer if rec.bn is None else fold_batchnorm_as_used(rec.layer, rec.bn, rec.conv_out)
+def _signed_weights(rec: LayerRecord, dt):
+    """(W'⁺, W'⁻ made on first use, b') of the layer with its BatchNorm folded in, in dtype `dt` (under
+    autocast the forward ran in bf16/fp16 while the parameters stay fp32; the backward runs outside
+    autocast).  W'± come from W and the BatchNorm's scale (`scaled_part`): the folded W' itself is
+    not kept."""
+    layer = rec.layer
+    if rec.bn is None:
+        scale, b = None, layer.bias
+    else:
+        scale, b = batchnorm_scale_shift_as_used(layer, rec.bn, rec.conv_out)
 
+    def part(positive):
+        w = scaled_part(layer.weight, scale, positive)
+        return w if w.dtype == dt else w.to(dt)
 
-def _in_dtype(layer: LinearLayer, dt) -> LinearLayer:
-    """The layer with its weights in the dtype of its input (under autocast the forward ran in
-    bf16/fp16 while the parameters stay fp32; the backward runs outside autocast)."""
-    if layer.weight.dtype == dt:
-        return layer
-    return LinearLayer(layer.kind, layer.weight.to(dt), None if layer.bias is None else layer.bias.to(dt),
-                       layer.stride, layer.padding, layer.dilation, layer.groups, layer.pad)
+    wp = part(True)
+    wn = [None]
+
+    def get_wn():
+        if wn[0] is None:
+            wn[0] = part(False)
+        return wn[0]
+
+    return wp, get_wn, (b if b is None or b.dtype == dt else b.to(dt))
 
 
 def _matched(rec: Optional[LayerRecord], mode: Optional[ZPlusMode] = None) -> bool:
@@ -141,21 +154,23 @@ def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor, matched: bool = F
     if rec is None:
         return v.clamp(min=0), (v.clamp(max=0) if matched else None), None
     a = rec.input
-    layer = _in_dtype(folded(rec), a.dtype)
-    wp, wn = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
-    b = layer.bias
+    layer = rec.layer
+    wp, get_wn, b = _signed_weights(rec, a.dtype)
     bp = None if b is None else b.clamp(min=0)
-    bn = None if b is None else b.clamp(max=0)
     T = layer.transpose
     if not rec.signed:
         zp = layer.forward(a, wp, bp)
         if not matched:
             return zp, None, (lambda sp, sn: T(sp, wp, a.shape))
+        wn = get_wn()
+        bn = None if b is None else b.clamp(max=0)
         return zp, layer.forward(a, wn, bn), (lambda sp, sn: T(sp, wp, a.shape) + T(sn, wn, a.shape))
+    wn = get_wn()
     ap, an = a.clamp(min=0), a.clamp(max=0)
     zp = layer.forward(ap, wp, bp) + layer.forward(an, wn, None)
     if not matched:
         return zp, None, (lambda sp, sn: torch.where(a >= 0, T(sp, wp, a.shape), T(sp, wn, a.shape)))
+    bn = None if b is None else b.clamp(max=0)
     zn = layer.forward(ap, wn, bn) + layer.forward(an, wp, None)
     return zp, zn, (lambda sp, sn: torch.where(a >= 0, T(sp, wp, a.shape) + T(sn, wn, a.shape),
                                                T(sp, wn, a.shape) + T(sn, wp, a.shape)))
