@@ -15,6 +15,7 @@ written in differentiable PyTorch ops, so the map can be trained on (create_grap
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -59,11 +60,71 @@ class LayerRecord:
         return self.conv_out if self.bn is None else self.bn_raw
 
 
-def _signed_weights(rec: LayerRecord, dt):
+class _Recipe:
+    """How to remake a signed folded weight (see `_RemadeWeights`): W, the BatchNorm scale (None: W's
+    own sign part), the sign, the dtype, and W's version when it was made."""
+
+    __slots__ = ("w", "scale", "positive", "dtype", "version")
+
+    def __init__(self, w, scale, positive, dtype):
+        self.w, self.scale, self.positive, self.dtype = w.detach(), None if scale is None else scale.detach(), positive, dtype
+        self.version = w._version
+
+    def remake(self) -> torch.Tensor:
+        if self.w._version != self.version:
+            raise RuntimeError("a layer's weight was modified in place between the heatmap pass and the training "
+                               "step's backward (an optimizer step before loss.backward()?); step after the backward")
+        with torch.no_grad():
+            w = self.w if self.scale is None else self.w * self.scale.reshape((-1,) + (1,) * (self.w.dim() - 1))
+            w = w.clamp(min=0) if self.positive else w.clamp(max=0)
+            return w if w.dtype == self.dtype else w.to(self.dtype)
+
+
+class _RemadeWeights:
+    """Saved-tensor hooks for one z⁺ backward: the signed folded weights W'± that `_signed_weights` made
+    are saved by the convolutions that use them as their recipe (`_Recipe`) and remade when the training
+    step's backward unpacks them — a weight-sized multiply per use instead of one more copy of every
+    weight kept through the step (ResNet-18: 45 MB).  Autograd gives the remade tensor the original's
+    place in the graph, so higher derivatives are unchanged.  Off inside functorch transforms (the
+    Dual two-slot pass runs its backward under vmap), where saved tensors are wrapped."""
+
+    def __init__(self):
+        self.made = {}
+
+    def note(self, t: torch.Tensor, recipe: _Recipe) -> torch.Tensor:
+        self.made[id(t)] = (t, recipe)
+        return t
+
+    def pack(self, t):
+        r = self.made.get(id(t))
+        return r[1] if r is not None and r[0] is t else t
+
+    @staticmethod
+    def unpack(p):
+        return p.remake() if isinstance(p, _Recipe) else p
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.made.clear()
+        return self._hooks.__exit__(*exc)
+
+
+def _remade_weights():
+    """A `_RemadeWeights` context for a z⁺ backward, or a null context inside a functorch transform."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        return contextlib.nullcontext()
+    return _RemadeWeights()
+
+
+def _signed_weights(rec: LayerRecord, dt, remade=None):
     """(W'⁺, W'⁻ made on first use, b') of the layer with its BatchNorm folded in, in dtype `dt` (under
     autocast the forward ran in bf16/fp16 while the parameters stay fp32; the backward runs outside
     autocast).  W'± come from W and the BatchNorm's scale (`scaled_part`): the folded W' itself is
-    not kept."""
+    not kept; with `remade` (a `_RemadeWeights`), W'± are not kept by their users either."""
     layer = rec.layer
     if rec.bn is None:
         scale, b = None, layer.bias
@@ -72,7 +133,10 @@ def _signed_weights(rec: LayerRecord, dt):
 
     def part(positive):
         w = scaled_part(layer.weight, scale, positive)
-        return w if w.dtype == dt else w.to(dt)
+        w = w if w.dtype == dt else w.to(dt)
+        if isinstance(remade, _RemadeWeights):
+            remade.note(w, _Recipe(layer.weight, scale, positive, dt))
+        return w
 
     wp = part(True)
     wn = [None]
@@ -107,9 +171,10 @@ def zplus_input_grad(rec: LayerRecord, z: torch.Tensor, g: torch.Tensor, eps: fl
     (`ZPlusMode`) with the negative contributions where z < 0."""
     dt = rec.input.dtype
     matched = _matched(rec) and not rec.is_logits
-    zp, zn, back = _branch_zplus(rec, None, matched)
-    num = zp if rec.is_logits else z.to(dt)
-    return back(*signed_ratios(g.to(dt), num, zp, zn, eps))
+    with _remade_weights() as remade:
+        zp, zn, back = _branch_zplus(rec, None, matched, remade)
+        num = zp if rec.is_logits else z.to(dt)
+        return back(*signed_ratios(g.to(dt), num, zp, zn, eps))
 
 
 class ZPlusTap(torch.autograd.Function):
@@ -144,7 +209,7 @@ class ZPlusTap(torch.autograd.Function):
         return g_through, zplus_input_grad(rec, z, g_zp, ctx.eps), None, None, None, None
 
 
-def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor, matched: bool = False):
+def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor, matched: bool = False, remade=None):
     """The positive contributions of a layer (or residual branch) to its output, and with `matched`
     the negative ones: (z⁺, z⁻ or None, a function (s⁺, s⁻) ↦ input-gradient).  A conv/BatchNorm
     layer: z⁺ = W⁺a + b⁺, and for inputs of either sign W⁺a⁺ + W⁻a⁻ + b⁺ (a⁺ with W⁺, a⁻ with W⁻,
@@ -155,7 +220,7 @@ def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor, matched: bool = F
         return v.clamp(min=0), (v.clamp(max=0) if matched else None), None
     a = rec.input
     layer = rec.layer
-    wp, get_wn, b = _signed_weights(rec, a.dtype)
+    wp, get_wn, b = _signed_weights(rec, a.dtype, remade)
     bp = None if b is None else b.clamp(min=0)
     T = layer.transpose
     if not rec.signed:
@@ -216,19 +281,20 @@ class ZPlusSum(torch.autograd.Function):
         g_through = fisnet_ext.slot_mask(g, 0) if sw.dual else None
         g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
         matched = _matched(None, ctx.mode)
-        zu, nu, back_u = _branch_zplus(rec_u, u, matched)
-        zv, nv, back_v = _branch_zplus(rec_v, v, matched)
-        zsum = zu + zv
-        nsum = None if nu is None else nu + nv
-        sp, sn = signed_ratios(g_zp.to(zsum.dtype), out.to(zsum.dtype), zsum, nsum, ctx.eps)  # R_sum / (z± ± ε)
-        grads = []
-        for t, back in ((u, back_u), (v, back_v)):
-            if back is not None:  # a branch: to its conv's input
-                grads.append((g_through, back(sp, sn)))
-            else:  # the identity: R = t⁺ · s⁺ (+ t⁻ · s⁻)
-                own = sp * (t > 0).to(sp.dtype)
-                if sn is not None:
-                    own = own + sn * (t < 0).to(sn.dtype)
-                grads.append((own if g_through is None else g_through + own, None))
+        with _remade_weights() as remade:
+            zu, nu, back_u = _branch_zplus(rec_u, u, matched, remade)
+            zv, nv, back_v = _branch_zplus(rec_v, v, matched, remade)
+            zsum = zu + zv
+            nsum = None if nu is None else nu + nv
+            sp, sn = signed_ratios(g_zp.to(zsum.dtype), out.to(zsum.dtype), zsum, nsum, ctx.eps)  # R_sum / (z± ± ε)
+            grads = []
+            for t, back in ((u, back_u), (v, back_v)):
+                if back is not None:  # a branch: to its conv's input
+                    grads.append((g_through, back(sp, sn)))
+                else:  # the identity: R = t⁺ · s⁺ (+ t⁻ · s⁻)
+                    own = sp * (t > 0).to(sp.dtype)
+                    if sn is not None:
+                        own = own + sn * (t < 0).to(sn.dtype)
+                    grads.append((own if g_through is None else g_through + own, None))
         (g_u, g_au), (g_v, g_av) = grads
         return (g_u, g_v, g_au, g_av) + rest

@@ -8,6 +8,8 @@ LRP-ε map of Σ_k z_k computed without z⁺ taps.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -198,3 +200,52 @@ def test_backbones_two_slot_pass_equals_two_passes_and_keeps_sign(name, seed):
     # such pixels get ±1e-9 of the largest value)
     zp = fisnet.ISNet(model, "dual", zb=False, dual_batched=False).eval()(x, heatmaps=True).heatmaps[:, 1]
     assert float(zp.min()) >= -1e-12 * float(zp.abs().max())
+
+
+def test_zplus_pass_remakes_its_folded_weights(monkeypatch, seed):
+    """The z⁺ pass's signed folded weights W'± are saved as recipes and remade in the training step's
+    backward (zplus._RemadeWeights): the Dual step's maps and weight gradients equal those with the
+    weights kept; with remaking no weight-shaped tensor but the parameters themselves is saved by the
+    step's graph, without it the W'± are (the check can fail); an optimizer step between the maps and
+    the backward is named."""
+    import fisnet.zplus as zplus
+    torch.manual_seed(seed % 1000)
+    model = models.resnet18(num_classes=4).to(DT).train()
+    x = torch.rand(2, 3, 32, 32, dtype=DT)
+    masks = torch.zeros(2, 1, 32, 32, dtype=DT)
+    masks[..., 8:24, 8:24] = 1
+    y = torch.tensor([0, 3])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    # the Zb rule's stacked first-layer weights (both maps) are not the z⁺ pass's: left out of the check
+    shapes = {tuple(p.shape) for p in params if p.dim() > 1} - {tuple(model.conv1.weight.shape)}
+    ptrs = {p.data_ptr() for p in params}
+    results = []
+    for remake in (True, False):
+        if not remake:
+            monkeypatch.setattr(zplus, "_remade_weights", contextlib.nullcontext)
+        model.load_state_dict(state)
+        kept = []
+
+        def pack(t):  # every tensor the graph saves, but those the z⁺ pass's own hooks pack as recipes
+            if tuple(t.shape) in shapes and t.data_ptr() not in ptrs:
+                kept.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fisnet.ISNet(model, "dual", dual_batched=False)(x, y)
+            loss = (out.heatmaps * (1 - masks.unsqueeze(1))).abs().sum() + F.cross_entropy(out.logits, y)
+        assert (not kept) if remake else kept, kept[:5]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((out.heatmaps.detach(), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]))
+    (h0, g0), (h1, g1) = results
+    torch.testing.assert_close(h0, h1, rtol=0, atol=0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    monkeypatch.undo()
+    model.load_state_dict(state)
+    out = fisnet.ISNet(model, "dual", dual_batched=False)(x, y)
+    with torch.no_grad():
+        model.layer4[1].conv2.weight.mul_(1.01)  # a parameter changed in place before the backward
+    with pytest.raises(RuntimeError, match="modified in place"):
+        (out.heatmaps.abs().sum() + out.logits.sum()).backward()
