@@ -16,6 +16,7 @@ heatmaps.  `explain(...)` is the user-facing one-call form.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
@@ -199,6 +200,29 @@ def _deref(r):
     return r() if r is not None else None
 
 
+_INPLACE_ARG: Dict[object, Optional[int]] = {}  # func -> position of its `inplace` parameter (None: none)
+
+
+def _is_inplace(func, args, kwargs) -> bool:
+    """Whether a call changes its first argument in place: a Tensor method or torch function named
+    `…_` or `__i…__`, item assignment, or an `inplace=True` argument (by name or position)."""
+    name = getattr(func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name == "__setitem__":
+        return True
+    if kwargs.get("inplace") is True:
+        return True
+    if func not in _INPLACE_ARG:
+        pos = None
+        try:
+            params = list(inspect.signature(func).parameters)
+            pos = params.index("inplace") if "inplace" in params else None
+        except (TypeError, ValueError):
+            pass
+        _INPLACE_ARG[func] = pos
+    pos = _INPLACE_ARG[func]
+    return pos is not None and len(args) > pos and args[pos] is True
+
+
 def _tensors(obj):
     """The tensors among a call's arguments (one level of lists/tuples, as torch ops take them)."""
     if isinstance(obj, torch.Tensor):
@@ -229,6 +253,8 @@ class _Interceptor(TorchFunctionMode):
         self._bn_stats: dict = {}  # the last F.batch_norm call's batch statistics (traced_batch_norm)
         self.zmode = ZPlusMode()  # sign-matched z⁺ layers once an op with signed relevant outputs is met
         self.records: List[LayerRecord] = []
+        self._ztapped: Dict[int, tuple] = {}  # id(tapped output) -> (weakref, record, stage): copy-on-write
+        self._pending_relu = None  # (tensor, record, stage) an in-place ReLU is about to change (see _relu)
         self.eps = eps
         self.switch = switch
         self.backend = backend
@@ -283,6 +309,8 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.watch and args:
             self._before_inplace(func, args, kwargs)
+        if self._ztapped:
+            self._tap_use(func, args, kwargs)
         if func in MATMUL_FUNCS or func in SOFTMAX_FUNCS or self._scores or self._weights:
             out = self._handwritten_attention(func, args, kwargs)
             if out is not NotImplemented:
@@ -375,6 +403,10 @@ class _Interceptor(TorchFunctionMode):
         else:
             y = fisnet_ext.lrp_relu(x, self.eps, self.switch, self.backend)
         self.n_relu += 1
+        if self._pending_relu is not None and self._pending_relu[0] is x:  # (_tap_use) its output stands in
+            _, zrec, stage = self._pending_relu
+            setattr(zrec, f"{stage}_relu_version", y._version)
+        self._pending_relu = None
         if y.dim() > 0 and y.shape[0] > 0:
             self.act_bytes = max(self.act_bytes, y.numel() // y.shape[0] * y.element_size())
         rec = self._zb_by_out.get(id(x))
@@ -716,6 +748,33 @@ class _Interceptor(TorchFunctionMode):
             self.n_act += 1
         return tuple(args)
 
+    def _tap_use(self, func, args, kwargs) -> None:
+        """Copy-on-write for the z⁺ records' outputs (`LayerRecord.value`): before an in-place op changes a
+        tapped output that is still as computed, keep a copy of it — except for an in-place ReLU whose
+        output can stand in for it (the stage's final output, read by nothing else before, not a
+        residual summand): then `_relu` notes the version it makes.  Any other use marks the output
+        as read."""
+        name = getattr(func, "__name__", "")
+        if name in ("__get__", "size", "dim", "__len__"):
+            return
+        first = args[0] if args else kwargs.get("input")
+        for t in list(_tensors(args)) + list(_tensors(list(kwargs.values()))):
+            entry = self._ztapped.get(id(t))
+            if entry is None or entry[0]() is not t:
+                continue
+            _, rec, stage = entry
+            if t._version != (rec.tap_version if stage == "conv" else rec.bn_tap_version) or \
+                    getattr(rec, f"{stage}_copy") is not None:
+                continue  # already changed (and kept, or its ReLU noted) or copied
+            if t is first and _is_inplace(func, args, kwargs):
+                if (func in INPLACE_RELU_FUNCS or func is F.relu) and stage not in rec.read and not rec.branch \
+                        and (stage == "bn" or rec.bn is None) and self.rules["activation"] != "gradient":
+                    self._pending_relu = (t, rec, stage)
+                else:  # the value as computed, with its graph (the z⁺ rule is trained through it)
+                    setattr(rec, f"{stage}_copy", t.clone())
+            else:
+                rec.read.add(stage)
+
     def _before_inplace(self, func, args, kwargs) -> None:
         """Keep the value and autograd edge of an LDS output before an op modifies it in place."""
         t = args[0]
@@ -787,7 +846,7 @@ class _Interceptor(TorchFunctionMode):
     def _tap(self, func, args, kwargs, out):
         if func in CONV_FUNCS:
             vals = _call_args(_CONV_ARGS, args, kwargs)
-            rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], conv_out=out, mode=self.zmode)
+            rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], mode=self.zmode, read=set())
             rec.signed = bool((vals["input"] < 0).any())  # decides the z⁺ form (one pass over the input)
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
@@ -795,16 +854,17 @@ class _Interceptor(TorchFunctionMode):
             tapped._fisnet_tap = weakref.ref(rec)
             tapped._fisnet_branch = weakref.ref(rec)
             rec.tapped, rec.tap_version = tapped, tapped._version
+            self._ztapped[id(tapped)] = (weakref.ref(tapped), rec, "conv")
             return tapped
         if func is F.batch_norm and self.records:
             x = args[0] if args else kwargs["input"]
             rec = self.records[-1]
             if _deref(getattr(x, "_fisnet_tap", None)) is rec and rec.bn is None:
                 rec.bn = {**_call_args(_BN_ARGS, args, kwargs), **self._bn_stats}
-                rec.bn_raw = out
                 out = ZPlusTap.apply(out, rec.input, rec, "bn", self.zswitch, self.eps)
                 rec.bn_tapped, rec.bn_tap_version = out, out._version
                 out._fisnet_branch = weakref.ref(rec)
+                self._ztapped[id(out)] = (weakref.ref(out), rec, "bn")
                 return out
         return out
 
@@ -829,6 +889,9 @@ class _Interceptor(TorchFunctionMode):
             return u.copy_(out)
         a_u = ru.input if ru is not None else u
         a_v = rv.input if rv is not None else v
+        for r in (ru, rv):
+            if r is not None:
+                r.branch = True  # its value, not a later ReLU's output, is what the sum's z⁺ rule needs
         return ZPlusSum.apply(u, v, a_u, a_v, (ru, rv), self.zswitch, self.eps, inplace, self.zmode)
 
     def _zplus_bias_add(self, u, v):

@@ -138,11 +138,19 @@ class _ScaledPart(torch.autograd.Function):
     def backward(ctx, g):
         w, scale = ctx.saved_tensors
         s = scale.reshape((-1,) + (1,) * (w.dim() - 1))
-        ws = w * s
-        g = g * ((ws > 0) if ctx.positive else (ws < 0)).to(g.dtype)
-        gw = g * s if ctx.needs_input_grad[0] else None
-        gs = (g * w).sum(dim=tuple(range(1, w.dim()))) if ctx.needs_input_grad[1] else None
-        return gw, gs, None
+        keep = torch.mul(w, s)
+        keep = keep > 0 if ctx.positive else keep < 0
+        dims = tuple(range(1, w.dim()))
+        if torch.is_grad_enabled():  # differentiable (create_graph): out of place
+            g = g * keep.to(g.dtype)
+            gs = (g * w).sum(dim=dims) if ctx.needs_input_grad[1] else None
+            return (g * s if ctx.needs_input_grad[0] else None), gs, None
+        # the step's own backward: one weight-sized buffer (these gradients wait for the layer's
+        # forward backward, so every temporary here adds to the step's peak)
+        g = g.masked_fill(~keep, 0)
+        del keep
+        gs = torch.einsum("o...,o...->o", g, w) if ctx.needs_input_grad[1] else None
+        return (g.mul_(s) if ctx.needs_input_grad[0] else None), gs, None
 
 
 def scaled_part(w: torch.Tensor, scale: Optional[torch.Tensor], positive: bool) -> torch.Tensor:

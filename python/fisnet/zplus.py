@@ -41,23 +41,53 @@ class ZPlusMode:
 
 @dataclass
 class LayerRecord:
+    """One conv/linear layer (and its BatchNorm) of a z⁺ trace.  Its outputs are kept only as the
+    tensors the forward went on with (`tapped`, `bn_tapped`: the model's own activations); the value a
+    z⁺ backward needs is read from them (`value`) while they are unchanged, from a copy the trace made
+    before an in-place op changed them (copy-on-write, `conv_copy` / `bn_copy`), or, for the ratio's
+    numerator only, from an in-place ReLU's output (`*_relu_version`: G ⊙ z = G ⊙ relu(z) when the only
+    gradient reaching z comes through that ReLU, which the trace checks)."""
+
     layer: LinearLayer
     input: torch.Tensor
-    conv_out: Optional[torch.Tensor] = None
     bn: Optional[dict] = None
-    bn_raw: Optional[torch.Tensor] = None  # the BatchNorm's output before its tap
     is_logits: bool = False
-    tapped: Optional[torch.Tensor] = None  # the layer's output as the forward saw it (after its tap)
+    tapped: Optional[torch.Tensor] = None  # the layer's output as the forward went on with it (after its tap)
     bn_tapped: Optional[torch.Tensor] = None  # the BatchNorm's output after its tap
     signed: bool = False  # the layer input has negative entries (after GELU, SiLU, LeakyReLU, …)
     tap_version: int = 0  # versions of `tapped` / `bn_tapped` when made (an in-place op changes them)
     bn_tap_version: int = 0
     mode: Optional[ZPlusMode] = None  # the trace's z⁺ mode (sign-matched or not)
+    conv_copy: Optional[torch.Tensor] = None  # `tapped` before an in-place op changed it
+    bn_copy: Optional[torch.Tensor] = None
+    conv_relu_version: Optional[int] = None  # the version an in-place ReLU gave `tapped` (see class doc)
+    bn_relu_version: Optional[int] = None
+    read: Optional[set] = None  # stages whose output an op read before any in-place change
+    branch: bool = False  # a summand of a z⁺ residual sum (its value, not a ReLU's output, is needed)
+
+    def value(self, stage: str, numerator: bool = False) -> torch.Tensor:
+        """The output of `stage` ("conv" or "bn") as computed; with `numerator`, possibly an in-place
+        ReLU's output in its place (see the class doc)."""
+        t, v0, copy, rv = ((self.tapped, self.tap_version, self.conv_copy, self.conv_relu_version) if stage == "conv"
+                           else (self.bn_tapped, self.bn_tap_version, self.bn_copy, self.bn_relu_version))
+        if copy is not None:
+            return copy
+        if t._version == v0 or (numerator and rv is not None and t._version == rv):
+            return t
+        raise RuntimeError(
+            "fisnet (Dual ISNet): a layer's output was modified in place, after the forward returned it, by an "
+            "operation the trace did not see, so its value for the z⁺ rule is lost; modify a copy instead "
+            "(out = out.clone()) or use the out-of-place form of the operation")
+
+    @property
+    def conv_out(self) -> torch.Tensor:
+        """The conv/linear output (before any BatchNorm), as computed."""
+        return self.value("conv")
 
     @property
     def raw_out(self) -> torch.Tensor:
-        """The layer's output (after its BatchNorm), as computed: never modified in place."""
-        return self.conv_out if self.bn is None else self.bn_raw
+        """The layer's output (after its BatchNorm), as computed."""
+        return self.value("conv" if self.bn is None else "bn")
 
 
 class _Recipe:
@@ -185,8 +215,9 @@ class ZPlusTap(torch.autograd.Function):
         # the record weakly: it holds tensors whose autograd nodes hold this ctx (a cycle through C++
         # nodes that Python's collector cannot free); the trace keeps the records alive
         ctx.rec, ctx.stage, ctx.switch, ctx.eps = weakref.ref(rec), stage, switch, eps
-        ctx.save_for_backward(z)
         ctx.set_materialize_grads(False)
+        # z itself is not kept: the record reads the output's value from the returned tensor (or a
+        # copy made before an in-place op changes it), so z is freed with the forward's last use of it
         return z.clone()
 
     @staticmethod
@@ -204,7 +235,7 @@ class ZPlusTap(torch.autograd.Function):
         g_through = fisnet_ext.slot_mask(g, 0) if sw.dual else None
         if ctx.stage == "conv" and rec.bn is not None:
             return g_through, None, None, None, None, None  # the tap after the BatchNorm does the z⁺ work
-        (z,) = ctx.saved_tensors
+        z = None if rec.is_logits else rec.value(ctx.stage, numerator=True)
         g_zp = fisnet_ext.slot_mask(g, 1) if sw.dual else g
         return g_through, zplus_input_grad(rec, z, g_zp, ctx.eps), None, None, None, None
 

@@ -329,27 +329,3 @@ def test_training_step_frees_its_graph(variant, seed):
     del out, loss
     gc.collect()
     assert all(r() is None for r in refs)
-
-
-@pytest.mark.parametrize("positive", [True, False])
-def test_scaled_part_is_the_signed_part_of_the_folded_weight(positive, seed):
-    """rules.scaled_part: (W·scale)⁺ / (W·scale)⁻ per output channel, scale of either sign (a BatchNorm's
-    γ may be negative), with exact first and second derivatives in W and scale, keeping only W and
-    scale (not the folded W·scale) for the backward."""
-    from fisnet.rules import scaled_part
-    for shape in ((4, 3, 3, 3), (5, 2), (3, 1, 4)):
-        w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-        scale = torch.randn(shape[0], dtype=torch.float64)
-        scale[0] = -abs(float(scale[0]))  # at least one negative channel
-        scale.requires_grad_(True)
-        ws = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
-        want = ws.clamp(min=0) if positive else ws.clamp(max=0)
-        torch.testing.assert_close(scaled_part(w, scale, positive), want, rtol=0, atol=0)
-        f = lambda w_, s_: scaled_part(w_, s_, positive)  # noqa: E731
-        assert torch.autograd.gradcheck(f, (w, scale)) and torch.autograd.gradgradcheck(f, (w, scale))
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            scaled_part(w, scale, positive)
-        assert len(saved) == 2 and saved[0] is w and saved[1] is scale
-    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)  # no BatchNorm: W's own parts
-    torch.testing.assert_close(scaled_part(w, None, positive), w.clamp(min=0) if positive else w.clamp(max=0))

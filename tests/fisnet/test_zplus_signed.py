@@ -249,3 +249,75 @@ def test_zplus_pass_remakes_its_folded_weights(monkeypatch, seed):
         model.layer4[1].conv2.weight.mul_(1.01)  # a parameter changed in place before the backward
     with pytest.raises(RuntimeError, match="modified in place"):
         (out.heatmaps.abs().sum() + out.logits.sum()).backward()
+
+
+class _InplaceNet(nn.Module):
+    """conv-BN-ReLU, conv-BN-(in-place op)-ReLU, residual sum, pooling, linear: `how` picks what the
+    forward does to the tapped BatchNorm outputs, in place or out of place (the same values)."""
+
+    def __init__(self, how: str, inplace: bool):
+        super().__init__()
+        self.how, self.inplace = how, inplace
+        self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.c3 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        ip = self.inplace
+        a = F.relu(self.b1(self.c1(x)), inplace=ip)
+        z = self.b2(self.c2(a))
+        extra = 0.0
+        if self.how == "scale":  # a linear in-place op before the ReLU: its z⁺ value must be kept
+            z = z.mul_(0.5) if ip else z * 0.5
+        elif self.how == "read":  # z read before the in-place ReLU: the ReLU's output cannot stand in
+            extra = (z * 0.5).mean(dim=(1, 2, 3), keepdim=True)  # (a mean of z itself would keep z)
+        elif self.how == "sum":  # z a summand of an out-of-place residual sum, then rectified in place
+            s = z + a
+            extra = s.mean(dim=(1, 2, 3), keepdim=True)
+        z = F.relu(z, inplace=ip)
+        u = self.c3(z)
+        u = u.mul_(2.0) if ip else u * 2.0  # a linear in-place op on a conv output without BatchNorm
+        u = F.relu(u, inplace=ip)
+        out = F.adaptive_avg_pool2d(u + z, 1) + extra
+        return self.fc(out.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["relu", "scale", "read", "sum"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_inplace_ops_on_tapped_outputs_keep_the_zplus_values(how, batched, seed):
+    """The z⁺ taps keep no copy of a layer's output but read it back from the tensor the forward went
+    on with (copy-on-write before an in-place op; an in-place ReLU's output standing in for the
+    numerator where that is exact): the Dual maps and the weight gradients of a training loss equal
+    those of the same network written out of place, for in-place ReLUs, an in-place linear op, a read
+    before the ReLU and a residual summand rectified in place afterwards."""
+    torch.manual_seed(seed % 1000)
+    x = torch.rand(4, 3, 8, 8, dtype=DT)
+    masks = torch.zeros(4, 1, 8, 8, dtype=DT)
+    masks[..., 2:6, 2:6] = 1
+    y = torch.tensor([0, 1, 2, 0])
+    nets = [_InplaceNet(how, ip).to(DT).train() for ip in (True, False)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    results = []
+    for net in nets:
+        out = fisnet.ISNet(net, "dual", dual_batched=batched)(x, y)
+        loss = (out.heatmaps * (1 - masks.unsqueeze(1))).abs().sum() + F.cross_entropy(out.logits, y)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        results.append((out.heatmaps.detach(), grads))
+    (h0, g0), (h1, g1) = results
+    assert h0[:, 1].abs().sum() > 0
+    torch.testing.assert_close(h0, h1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_lost_layer_value_is_named(seed):
+    """A record whose output was changed in place with no copy kept (an op the trace did not see)
+    refuses to hand out a value rather than a wrong one."""
+    from fisnet.zplus import LayerRecord
+    t = torch.rand(2, 3)
+    rec = LayerRecord(layer=None, input=t, tapped=t, tap_version=t._version)
+    assert rec.value("conv") is t
+    t.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        rec.value("conv")
