@@ -145,7 +145,8 @@ class _RemadeWeights:
 
 def _remade_weights():
     """A `_RemadeWeights` context for a z⁺ backward, or a null context inside a functorch transform."""
-    if torch._C._functorch.maybe_current_level() is not None:
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    if level is None or level() is not None:  # (unknown on this torch: keep the weights)
         return contextlib.nullcontext()
     return _RemadeWeights()
 
