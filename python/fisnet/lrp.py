@@ -94,6 +94,12 @@ _SCORES_HOW = ("is supported only as attention scores: scaled, masked (constants
 # residual sums the z⁺ rule treats as one layer with their branches (out-of-place forms, and
 # `out += identity`, whose result Python binds to `out`)
 # linear with non-negative coefficients: in a Dual trace, an input of either sign gets the z⁺ rule
+# functions whose output is ≥ 0 wherever their (first) input is: a Dual trace then knows a conv's
+# input is not signed without reading it (`_known_nonneg`; a host synchronisation on GPUs)
+SIGN_KEEPING_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                      F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.flatten, _T.flatten, _T.view, _T.reshape,
+                      torch.reshape, _T.contiguous, F.dropout, F.dropout2d}
 NONNEG_LINEAR_FUNCS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                        F.adaptive_avg_pool3d, torch.mean, _T.mean}
 RESIDUAL_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.add_}
@@ -253,6 +259,7 @@ class _Interceptor(TorchFunctionMode):
         self._bn_stats: dict = {}  # the last F.batch_norm call's batch statistics (traced_batch_norm)
         self.zmode = ZPlusMode()  # sign-matched z⁺ layers once an op with signed relevant outputs is met
         self.records: List[LayerRecord] = []
+        self._nonneg: Dict[int, tuple] = {}  # id -> (weakref, version): tensors known ≥ 0 (Dual traces)
         self._ztapped: Dict[int, tuple] = {}  # id(tapped output) -> (weakref, record, stage): copy-on-write
         self._pending_relu = None  # (tensor, record, stage) an in-place ReLU is about to change (see _relu)
         self.eps = eps
@@ -358,6 +365,9 @@ class _Interceptor(TorchFunctionMode):
             out = func(*args, **kwargs)
         if self.zswitch is not None:
             out = self._tap(func, args, kwargs, out)
+            if func in SIGN_KEEPING_FUNCS and isinstance(out, torch.Tensor) and args \
+                    and isinstance(args[0], torch.Tensor) and self._known_nonneg(args[0]):
+                self._note_nonneg(out)
         if zb_rec is not None:
             zb_rec.output = out
             zb_rec.version = out._version
@@ -417,7 +427,17 @@ class _Interceptor(TorchFunctionMode):
                 rec.other_uses.append(optable.func_name(func))
         if self._tainted(x):
             self._mark(y)
+        if self.zswitch is not None:
+            self._note_nonneg(y)
         return y
+
+    def _note_nonneg(self, t) -> None:
+        self._nonneg[id(t)] = (weakref.ref(t), t._version)
+
+    def _known_nonneg(self, t) -> bool:
+        """`t` is, as it is now, a ReLU's output or a pooling/reshape of one (not changed in place since)."""
+        r = self._nonneg.get(id(t))
+        return r is not None and r[0]() is t and t._version == r[1]
 
     def _act(self, func, args, kwargs):
         """An element-wise activation of the rule table (kind "activation")."""
@@ -512,7 +532,8 @@ class _Interceptor(TorchFunctionMode):
         return y
 
     def _signed_input(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and self._tainted(t) and t.is_floating_point() and bool((t < 0).any())
+        return (isinstance(t, torch.Tensor) and self._tainted(t) and t.is_floating_point()
+                and not self._known_nonneg(t) and bool((t < 0).any()))
 
     def _zplus_nonneg_linear(self, func, args, kwargs):
         """Average pooling / mean of an input of either sign, in a Dual trace: f linear with
@@ -847,7 +868,8 @@ class _Interceptor(TorchFunctionMode):
         if func in CONV_FUNCS:
             vals = _call_args(_CONV_ARGS, args, kwargs)
             rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], mode=self.zmode, read=set())
-            rec.signed = bool((vals["input"] < 0).any())  # decides the z⁺ form (one pass over the input)
+            # decides the z⁺ form: known for a ReLU's output (and its pooling), else one pass over the input
+            rec.signed = not self._known_nonneg(vals["input"]) and bool((vals["input"] < 0).any())
             self.records.append(rec)
             tapped = ZPlusTap.apply(out, vals["input"], rec, "conv", self.zswitch, self.eps)
             # weak references: a tensor → record → tensor cycle through autograd nodes is never freed

@@ -321,3 +321,47 @@ def test_a_lost_layer_value_is_named(seed):
     t.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
         rec.value("conv")
+
+
+class _ShiftNet(nn.Module):
+    """A ReLU output pooled, and one shifted in place after its ReLU (so signed) before a conv."""
+
+    def __init__(self, shift: bool):
+        super().__init__()
+        self.shift = shift
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = F.max_pool2d(F.relu(self.c1(x)), 2)
+        b = F.relu(self.c2(a))
+        if self.shift:
+            b.sub_(0.3)  # after the ReLU (which kept its input, not b): no longer ≥ 0
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.c3(b)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_known_nonnegative_inputs_are_not_read(shift, monkeypatch, seed):
+    """A Dual trace knows a conv's input is ≥ 0 when it is a ReLU's output or a pooling of one, unchanged
+    since (no pass over it, no host synchronisation on GPUs); an input changed in place after its ReLU
+    is read. The maps equal those of a trace that reads every input's sign."""
+    import fisnet.lrp as lrp
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(seed % 1000)
+    net = _ShiftNet(shift).to(DT)
+    x = torch.rand(2, 3, 8, 8, dtype=DT)
+    reads = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.lt.Scalar:
+                reads.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        t = trace(net, x, zplus=True)
+    assert reads == ([(2, 3, 8, 8)] + ([(2, 4, 4, 4)] if shift else []))  # the image (and the shifted input)
+    maps = t.relevance_zplus()["input"]
+    monkeypatch.setattr(lrp._Interceptor, "_known_nonneg", lambda self, t: False)
+    ref = trace(net, x, zplus=True).relevance_zplus()["input"]
+    torch.testing.assert_close(maps, ref)
