@@ -91,17 +91,17 @@ SOFTMAX_FUNCS = {torch.softmax, _T.softmax, F.softmax}
 _SCORES_HOW = ("is supported only as attention scores: scaled, masked (constants) and passed to a softmax whose "
                "output multiplies the values (softmax(q @ k.transpose(-2, -1) * scale) @ v); use "
                "F.scaled_dot_product_attention or nn.MultiheadAttention otherwise")
-# residual sums the z⁺ rule treats as one layer with their branches (out-of-place forms, and
-# `out += identity`, whose result Python binds to `out`)
-# linear with non-negative coefficients: in a Dual trace, an input of either sign gets the z⁺ rule
 # functions whose output is ≥ 0 wherever their (first) input is: a Dual trace then knows a conv's
 # input is not signed without reading it (`_known_nonneg`; a host synchronisation on GPUs)
 SIGN_KEEPING_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                       F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
                       F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.flatten, _T.flatten, _T.view, _T.reshape,
                       torch.reshape, _T.contiguous, F.dropout, F.dropout2d}
+# linear with non-negative coefficients: in a Dual trace, an input of either sign gets the z⁺ rule
 NONNEG_LINEAR_FUNCS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                        F.adaptive_avg_pool3d, torch.mean, _T.mean}
+# residual sums the z⁺ rule treats as one layer with their branches (out-of-place forms, and
+# `out += identity`, whose result Python binds to `out`)
 RESIDUAL_ADDS = {torch.add, _T.add, _T.__add__, _T.__radd__, _T.__iadd__, _T.add_}
 
 UNSUPPORTED_MODULES = tuple(
