@@ -218,7 +218,11 @@ class ZPlusTap(torch.autograd.Function):
         ctx.rec, ctx.stage, ctx.switch, ctx.eps = weakref.ref(rec), stage, switch, eps
         ctx.set_materialize_grads(False)
         # z itself is not kept: the record reads the output's value from the returned tensor (or a
-        # copy made before an in-place op changes it), so z is freed with the forward's last use of it
+        # copy made before an in-place op changes it).  The tap is an in-place identity on z (no copy),
+        # but for a view, which autograd does not let a Function change in place
+        if z._base is None:
+            ctx.mark_dirty(z)
+            return z
         return z.clone()
 
     @staticmethod

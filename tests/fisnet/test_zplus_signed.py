@@ -365,3 +365,24 @@ def test_known_nonnegative_inputs_are_not_read(shift, monkeypatch, seed):
     monkeypatch.setattr(lrp._Interceptor, "_known_nonneg", lambda self, t: False)
     ref = trace(net, x, zplus=True).relevance_zplus()["input"]
     torch.testing.assert_close(maps, ref)
+
+
+def test_zplus_tap_is_an_inplace_identity(seed):
+    """The z⁺ tap makes no copy of a layer's output (an in-place identity: the same storage, a new
+    version), but for a view, which it copies; in the ordinary backward it passes the gradient."""
+    import fisnet_ext
+    from fisnet.zplus import LayerRecord, ZPlusTap
+    sw = fisnet_ext.HeatmapSwitch()
+    a = torch.rand(2, 3, dtype=DT, requires_grad=True)
+    rec = LayerRecord(layer=None, input=a)
+    z = a * 2.0
+    ptr, v = z.data_ptr(), z._version
+    out = ZPlusTap.apply(z, a, rec, "conv", sw, 0.1)
+    assert out.data_ptr() == ptr and out._version > v
+    (g,) = torch.autograd.grad(out.sum(), a)
+    torch.testing.assert_close(g, torch.full_like(a, 2.0))
+    base = a * 3.0
+    view = base[:, :2]
+    out = ZPlusTap.apply(view, a, rec, "conv", sw, 0.1)
+    assert out.data_ptr() != view.data_ptr()
+    torch.testing.assert_close(out, view)
