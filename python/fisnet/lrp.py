@@ -867,7 +867,7 @@ class _Interceptor(TorchFunctionMode):
     def _tap(self, func, args, kwargs, out):
         if func in CONV_FUNCS:
             vals = _call_args(_CONV_ARGS, args, kwargs)
-            rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], mode=self.zmode, read=set())
+            rec = LayerRecord(_make_layer(CONV_FUNCS[func], vals), vals["input"], mode=self.zmode)
             # decides the z⁺ form: known for a ReLU's output (and its pooling), else one pass over the input
             rec.signed = not self._known_nonneg(vals["input"]) and bool((vals["input"] < 0).any())
             self.records.append(rec)

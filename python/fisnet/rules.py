@@ -203,18 +203,32 @@ class _BatchStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_mean, g_var):
         x, = ctx.saved_tensors
-        dims = ctx.dims
-        n = 1
-        for d in dims:
-            n *= x.shape[d]
-        kept = [1 if d in dims else x.shape[d] for d in range(x.dim())]
-        gx = None
-        if g_var is not None:
-            gx = (x - x.mean(dim=dims, keepdim=True)) * (g_var.reshape(kept) * (2.0 / n))
-        if g_mean is not None:
-            gm = (g_mean / n).reshape(kept)
-            gx = gm.expand(x.shape) if gx is None else gx + gm
-        return gx, None
+        return batch_stats_grad(None, x, None, g_mean, g_var, ctx.dims), None
+
+
+def batch_stats_grad(gx: Optional[torch.Tensor], x: torch.Tensor, mean: Optional[torch.Tensor],
+                     g_mean: Optional[torch.Tensor], g_var: Optional[torch.Tensor], dims=None) -> torch.Tensor:
+    """gx + g_μ/n + 2 (x − μ) g_var/n per channel (n = elements per channel; gx None: 0): the gradient at x
+    of x's batch mean and biased variance over `dims` (default: all but dim 1), as x·a + b with
+    a = 2 g_var/n, b = g_μ/n − μ·a.  In place on gx (a fresh gradient) unless autograd records the
+    backward (create_graph); then, or when `mean` is None, μ is computed from x, as a function of x,
+    so that the result's own derivative is exact (μ's dependence on x)."""
+    dims = tuple(dims) if dims is not None else (0,) + tuple(range(2, x.dim()))
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    kept = [1 if d in dims else x.shape[d] for d in range(x.dim())]
+    if mean is None or torch.is_grad_enabled():
+        mean = x.mean(dim=dims)
+    mean = mean.reshape(-1)
+    a = torch.zeros_like(mean) if g_var is None else g_var.reshape(-1) * (2.0 / n)
+    b = -mean * a if g_mean is None else g_mean.reshape(-1) / n - mean * a
+    a, b = a.reshape(kept).to(x.dtype), b.reshape(kept).to(x.dtype)
+    if gx is None:
+        return torch.addcmul(b, x, a)
+    if torch.is_grad_enabled():
+        return torch.addcmul(gx, x, a) + b
+    return gx.addcmul_(x, a).add_(b)
 
 
 def bound_images(bounds, x: torch.Tensor):

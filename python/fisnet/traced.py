@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import fisnet_ext
 
-from .rules import conv_input_grad
+from .rules import batch_stats_grad, conv_input_grad
 
 __all__ = ["TracedConv", "traced_conv", "TracedBatchNorm", "traced_batch_norm"]
 
@@ -136,28 +136,8 @@ class TracedBatchNorm(torch.autograd.Function):
                                                                       ctx.eps, mask)
                 gx, gw, gb = (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
         if (g_mean is not None or g_var is not None) and ctx.needs_input_grad[0]:
-            gx = _add_stats_grad(gx, x, mean, g_mean, g_var)
+            gx = batch_stats_grad(gx, x, mean, g_mean, g_var)
         return (gx, gw, gb) + (None,) * 6
-
-
-def _add_stats_grad(gx: Optional[torch.Tensor], x: torch.Tensor, mean: torch.Tensor, g_mean: Optional[torch.Tensor],
-                    g_var: Optional[torch.Tensor]) -> torch.Tensor:
-    """gx + g_μ/n + 2 (x − μ) g_var/n per channel (n = elements per channel): the gradient at x of the
-    batch mean and biased variance, as x·a + b with a = 2 g_var/n, b = g_μ/n − μ·a.  In place on gx
-    (a fresh gradient) unless autograd records the backward (create_graph); then μ is recomputed from
-    x, as a function of x, so that the result's own derivative is exact (μ's dependence on x)."""
-    n = x.numel() // x.shape[1]
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if torch.is_grad_enabled():
-        mean = x.mean(dim=(0,) + tuple(range(2, x.dim())))
-    a = torch.zeros_like(mean) if g_var is None else g_var * (2.0 / n)
-    b = -mean * a if g_mean is None else g_mean / n - mean * a
-    a, b = a.reshape(shape).to(x.dtype), b.reshape(shape).to(x.dtype)
-    if gx is None:
-        return torch.addcmul(b, x, a)
-    if torch.is_grad_enabled():
-        return torch.addcmul(gx, x, a) + b
-    return gx.addcmul_(x, a).add_(b)
 
 
 _BN_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")

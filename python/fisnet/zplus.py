@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -62,7 +62,7 @@ class LayerRecord:
     bn_copy: Optional[torch.Tensor] = None
     conv_relu_version: Optional[int] = None  # the version an in-place ReLU gave `tapped` (see class doc)
     bn_relu_version: Optional[int] = None
-    read: Optional[set] = None  # stages whose output an op read before any in-place change
+    read: set = field(default_factory=set)  # stages whose output an op read before any in-place change
     branch: bool = False  # a summand of a z⁺ residual sum (its value, not a ReLU's output, is needed)
 
     def value(self, stage: str, numerator: bool = False) -> torch.Tensor:
@@ -105,8 +105,7 @@ class _Recipe:
             raise RuntimeError("a layer's weight was modified in place between the heatmap pass and the training "
                                "step's backward (an optimizer step before loss.backward()?); step after the backward")
         with torch.no_grad():
-            w = self.w if self.scale is None else self.w * self.scale.reshape((-1,) + (1,) * (self.w.dim() - 1))
-            w = w.clamp(min=0) if self.positive else w.clamp(max=0)
+            w = scaled_part(self.w, self.scale, self.positive)
             return w if w.dtype == self.dtype else w.to(self.dtype)
 
 
@@ -121,9 +120,8 @@ class _RemadeWeights:
     def __init__(self):
         self.made = {}
 
-    def note(self, t: torch.Tensor, recipe: _Recipe) -> torch.Tensor:
+    def note(self, t: torch.Tensor, recipe: _Recipe) -> None:
         self.made[id(t)] = (t, recipe)
-        return t
 
     def pack(self, t):
         r = self.made.get(id(t))
@@ -152,7 +150,7 @@ def _remade_weights():
 
 
 def _signed_weights(rec: LayerRecord, dt, remade=None):
-    """(W'⁺, W'⁻ made on first use, b') of the layer with its BatchNorm folded in, in dtype `dt` (under
+    """(part, b'): part(True) = W'⁺, part(False) = W'⁻ of the layer with its BatchNorm folded in, in dtype `dt` (under
     autocast the forward ran in bf16/fp16 while the parameters stay fp32; the backward runs outside
     autocast).  W'± come from W and the BatchNorm's scale (`scaled_part`): the folded W' itself is
     not kept; with `remade` (a `_RemadeWeights`), W'± are not kept by their users either."""
@@ -169,15 +167,7 @@ def _signed_weights(rec: LayerRecord, dt, remade=None):
             remade.note(w, _Recipe(layer.weight, scale, positive, dt))
         return w
 
-    wp = part(True)
-    wn = [None]
-
-    def get_wn():
-        if wn[0] is None:
-            wn[0] = part(False)
-        return wn[0]
-
-    return wp, get_wn, (b if b is None or b.dtype == dt else b.to(dt))
+    return part, (b if b is None or b.dtype == dt else b.to(dt))
 
 
 def _matched(rec: Optional[LayerRecord], mode: Optional[ZPlusMode] = None) -> bool:
@@ -256,17 +246,18 @@ def _branch_zplus(rec: Optional[LayerRecord], v: torch.Tensor, matched: bool = F
         return v.clamp(min=0), (v.clamp(max=0) if matched else None), None
     a = rec.input
     layer = rec.layer
-    wp, get_wn, b = _signed_weights(rec, a.dtype, remade)
+    part, b = _signed_weights(rec, a.dtype, remade)
+    wp = part(True)  # (W'⁻ only where it is used: sign-matched layers, signed inputs)
     bp = None if b is None else b.clamp(min=0)
     T = layer.transpose
     if not rec.signed:
         zp = layer.forward(a, wp, bp)
         if not matched:
             return zp, None, (lambda sp, sn: T(sp, wp, a.shape))
-        wn = get_wn()
+        wn = part(False)
         bn = None if b is None else b.clamp(max=0)
         return zp, layer.forward(a, wn, bn), (lambda sp, sn: T(sp, wp, a.shape) + T(sn, wn, a.shape))
-    wn = get_wn()
+    wn = part(False)
     ap, an = a.clamp(min=0), a.clamp(max=0)
     zp = layer.forward(ap, wp, bp) + layer.forward(an, wn, None)
     if not matched:
